@@ -1,0 +1,33 @@
+"""MetaPatch configuration (the PEFT-style 'config' role)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PREFIX = "metapatch_"  # every device-trainable parameter's name starts with this
+
+
+@dataclass
+class MetaPatchConfig:
+    # Linear layers of the base model (dotted names) whose outputs get a residual bottleneck patch.
+    # Defaults: the DIN attention unit's hidden layer (which history items matter to this user) and
+    # the first prediction-MLP layer (how this user's interest maps to a click).
+    target_modules: tuple[str, ...] = ("attention.mlp.0", "mlp.0")
+    phi_dim: int = 32  # m: size of the per-device metapatch φ (the only thing a device trains)
+    bottleneck: int = 4  # r: rank of each patch's down/up projections
+    # full=True is the "per-user full patch" baseline: θ_l is trained directly per device (Θ = I,
+    # φ = all patch weights), i.e. no meta decomposition.
+    full: bool = False
+    theta_init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.phi_dim < 1 or self.phi_dim > 4096:
+            raise ValueError(f"metapatch.phi_dim = {self.phi_dim}: must be in 1..4096")
+        if self.bottleneck < 1:
+            raise ValueError(f"metapatch.bottleneck = {self.bottleneck}: must be >= 1")
+        if not self.target_modules:
+            raise ValueError("metapatch.target_modules is empty: name at least one Linear layer")
+        self.target_modules = tuple(self.target_modules)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,92 @@
+"""MetaPatchModel: injects MetaPatchLayers into a base model (the PEFT-style 'model' role).
+
+The device-trainable parameters are found structurally (names starting with PREFIX), never by
+hand-written lists; ``patch_state_dict`` / ``load_patch_state_dict`` move only the small thing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cloud_trainer.models.metapatch.config import PREFIX, MetaPatchConfig
+from cloud_trainer.models.metapatch.layer import MetaPatchLayer
+
+
+class MetaPatchModel(nn.Module):
+    def __init__(self, base: nn.Module, config: MetaPatchConfig):
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.patch_layers: list[MetaPatchLayer] = []
+        for name in config.target_modules:
+            parent_name, _, child = name.rpartition(".")
+            parent = base.get_submodule(parent_name) if parent_name else base
+            target = getattr(parent, child, None) if not child.isdigit() else parent[int(child)]
+            if not isinstance(target, nn.Linear):
+                raise ValueError(f"metapatch.target_modules: '{name}' is not a Linear layer of the model")
+            layer = MetaPatchLayer(target, config.phi_dim, config.bottleneck, config.full, config.theta_init_std)
+            if child.isdigit():
+                parent[int(child)] = layer
+            else:
+                setattr(parent, child, layer)
+            layer.phi_offset = sum(pl.n_patch for pl in self.patch_layers)
+            self.patch_layers.append(layer)
+        dim = self.phi_dim
+        # The metapatch φ of *this* device: (1, m). Zero = the unpatched cloud model.
+        self.metapatch_phi = nn.Parameter(torch.zeros(1, dim))
+
+    @property
+    def phi_dim(self) -> int:
+        if self.config.full:
+            return sum(layer.n_patch for layer in self.patch_layers)
+        return self.config.phi_dim
+
+    def forward(self, item, hist, profile, phi: torch.Tensor | None = None) -> torch.Tensor:
+        """phi: None = this model's own φ; (1, m) one device; (B, m) each sample's owner's φ."""
+        phi = self.metapatch_phi if phi is None else phi
+        for layer in self.patch_layers:
+            layer.set_phi(phi)
+        try:
+            return self.base(item, hist, profile)
+        finally:
+            for layer in self.patch_layers:
+                layer.set_phi(None)
+
+    def forward_unpatched(self, item, hist, profile) -> torch.Tensor:
+        return self.base(item, hist, profile)
+
+    # -- structural parameter groups -------------------------------------------------------
+    def device_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if n.split(".")[-1].startswith(PREFIX)}
+
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """Θ: the global shared parameters of all patches."""
+        return {n: p for n, p in self.named_parameters() if n.endswith("shared_theta")}
+
+    def cloud_parameters(self) -> dict[str, nn.Parameter]:
+        """W_f: everything of the base model that is neither Θ nor φ."""
+        skip = set(self.device_trainable()) | set(self.shared_parameters())
+        return {n: p for n, p in self.named_parameters() if n not in skip}
+
+    def mark_only_phi_trainable(self) -> None:
+        trainable = set(self.device_trainable())
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in trainable)
+
+    def patch_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.device_trainable().items()}
+
+    def load_patch_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.device_trainable()
+        if set(state) != set(own):
+            raise ValueError(f"patch state names {sorted(state)} != model's {sorted(own)}")
+        with torch.no_grad():
+            for n, t in state.items():
+                if tuple(t.shape) != tuple(own[n].shape):
+                    raise ValueError(f"patch state '{n}': shape {tuple(t.shape)} != {tuple(own[n].shape)}")
+                own[n].copy_(t)
+
+
+def get_metapatch_model(base: nn.Module, config: MetaPatchConfig) -> MetaPatchModel:
+    return MetaPatchModel(base, config)

@@ -1,0 +1,75 @@
+"""MoMoDistill: "model over models" in the cloud.
+
+Step 1 (W_f): CE on the pooled data + λ · CE against the device models' probabilities f_n(x).
+Step 2 (Θ, g): with W_f fixed, distil every device model f_n into the proxy
+f̂_n = f(·; W_f, Θ, g(profile_n, sequence_n, φ_n)).
+Batched: each sample gathers its owner's φ; there is no Python loop over devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cloud_trainer.train import Batch, bce, fit_cloud, logits, minibatches, size, take
+
+
+@dataclass
+class MoMoDistillConfig:
+    lam: float = 1.0  # λ: weight of distillation from the device models in step 1
+    step1_epochs: int = 2
+    step1_lr: float = 1e-3
+    step2_epochs: int = 1
+    step2_lr: float = 1e-3
+    label_weight: float = 0.5  # step 2: weight of the true labels beside the device models' soft labels
+    batch_size: int = 512
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ValueError(f"momodistill.lam = {self.lam}: must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_logits(model, data: Batch, phi_table: torch.Tensor) -> torch.Tensor:
+    """Each sample scored by its owner's device model f_n (the uploaded φ_n on the current bundle)."""
+    return logits(model, data, phi_table)
+
+
+def step1(model, data: Batch, teacher: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0) -> list[float]:
+    params = list(model.cloud_parameters().values())
+    return fit_cloud(model, data, params, cfg.step1_epochs, cfg.step1_lr, cfg.batch_size, seed=seed,
+                     teacher=teacher, lam=cfg.lam)
+
+
+def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,
+          user_profile: torch.Tensor, user_seq: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0) -> list[float]:
+    theta = list(model.shared_parameters().values())
+    params = theta + list(encoder.parameters())
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in theta)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=cfg.step2_lr)
+    gen = torch.Generator().manual_seed(seed)
+    soft = torch.sigmoid(teacher)
+    history = []
+    try:
+        for _ in range(cfg.step2_epochs):
+            total = 0.0
+            for idx in minibatches(size(data), cfg.batch_size, gen):
+                b = take(data, idx)
+                o = b["owner"]
+                phi = encoder(user_profile[o], user_seq[o], phi_table[o])  # (B, m)
+                out = model(b["item"], b["hist"], b["profile"], phi=phi)
+                loss = bce(out, soft[idx]) + cfg.label_weight * bce(out, b["label"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss) * len(idx)
+            history.append(total / max(size(data), 1))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return history

@@ -1,0 +1,109 @@
+"""On-device personalisation, PyTorch reference: train only φ on a device's fresh window.
+
+`train_phi` is the deterministic single-device reference that the ONNX Runtime backends are checked
+against (same batches, same AdamW). `personalize_all` runs the same procedure for every device at
+once: AdamW is per-coordinate, so full-batch AdamW on a (U, m) φ table whose row u only receives
+gradient from device u's mean loss is exactly U independent device runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cloud_trainer.train import Batch, take
+
+
+@dataclass
+class DeviceTrainConfig:
+    steps: int = 20  # AdamW steps on the device's local training samples (full batch)
+    lr: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    keep_if_worse: bool = True  # keep the starting φ when the local validation loss got worse
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"device.steps = {self.steps}: must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"device.lr = {self.lr}: must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _adamw(phi: torch.Tensor, cfg: DeviceTrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([phi], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def train_phi(model, phi0: torch.Tensor, batches: list[Batch], cfg: DeviceTrainConfig) -> tuple[torch.Tensor, list[float]]:
+    """One device: one AdamW step per batch in `batches` (in order). Returns the final φ (1, m) and
+    the loss before each step. Only φ changes; the model's own parameters are untouched."""
+    phi = phi0.detach().clone().reshape(1, -1).requires_grad_(True)
+    opt = _adamw(phi, cfg)
+    losses = []
+    for b in batches:
+        loss = F.binary_cross_entropy_with_logits(model(b["item"], b["hist"], b["profile"], phi=phi), b["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return phi.detach(), losses
+
+
+def per_owner_loss(model, batch: Batch, phi_table: torch.Tensor, n_owners: int) -> torch.Tensor:
+    """(U,) mean BCE of each owner's samples under its own φ (0 for owners without samples)."""
+    out = model(batch["item"], batch["hist"], batch["profile"], phi=phi_table[batch["owner"]])
+    per = F.binary_cross_entropy_with_logits(out, batch["label"], reduction="none")
+    sums = torch.zeros(n_owners).index_add(0, batch["owner"], per)
+    counts = torch.zeros(n_owners).index_add(0, batch["owner"], torch.ones_like(per))
+    return sums / counts.clamp(min=1.0)
+
+
+def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, cfg: DeviceTrainConfig,
+                    chunk: int = 65536) -> tuple[torch.Tensor, dict]:
+    """Every device trains its own φ (rows of phi0, (U, m)) on its own samples; returns (φ table, info)."""
+    U = phi0.shape[0]
+    phi = phi0.detach().clone().requires_grad_(True)
+    opt = _adamw(phi, cfg)
+    was_training = model.training
+    model.eval()  # no dropout/batch-norm in the models; eval keeps it explicit
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    n = int(train["item"].shape[0])
+    counts = torch.zeros(U).index_add(0, train["owner"], torch.ones(n)).clamp(min=1.0)
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
+        for start in range(0, n, chunk):
+            part = take(train, slice(start, start + chunk))
+            per = per_owner_loss_sum(model, part, phi, counts)
+            per.backward()
+        opt.step()
+    info: dict = {}
+    phi_out = phi.detach()
+    if val is not None and cfg.keep_if_worse:
+        with torch.no_grad():
+            before = per_owner_loss(model, val, phi0, U)
+            after = per_owner_loss(model, val, phi_out, U)
+        has_val = torch.zeros(U, dtype=torch.bool)
+        has_val[val["owner"]] = True
+        worse = has_val & (after > before)
+        phi_out = torch.where(worse.unsqueeze(1), phi0, phi_out)
+        info["kept_previous"] = int(worse.sum())
+    for p in frozen:
+        p.requires_grad_(True)
+    model.train(was_training)
+    return phi_out, info
+
+
+def per_owner_loss_sum(model, part: Batch, phi: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Σ_u mean-loss_u restricted to the samples in `part` (counts: each owner's total samples)."""
+    out = model(part["item"], part["hist"], part["profile"], phi=phi[part["owner"]])
+    per = F.binary_cross_entropy_with_logits(out, part["label"], reduction="none")
+    return (per / counts[part["owner"]]).sum()

@@ -1,0 +1,108 @@
+"""Shared training loops of the cloud side: tensors from samples, batched prediction, fitting W_f.
+
+A "batch dict" holds torch tensors: item (N,), hist (N, L), profile (N, P), label (N,) and owner (N,),
+the index of the sample's device (its row in a φ table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Batch = dict[str, torch.Tensor]
+
+
+def make_batch(user, item, hist, label, profile_table: np.ndarray) -> Batch:
+    user = np.asarray(user, dtype=np.int64)
+    return {
+        "owner": torch.from_numpy(user),
+        "item": torch.from_numpy(np.asarray(item, dtype=np.int64)),
+        "hist": torch.from_numpy(np.asarray(hist, dtype=np.int64)),
+        "profile": torch.from_numpy(np.asarray(profile_table, dtype=np.int64)[user]),
+        "label": torch.from_numpy(np.asarray(label, dtype=np.float32)),
+    }
+
+
+def take(batch: Batch, idx) -> Batch:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def concat(batches: list[Batch]) -> Batch:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def size(batch: Batch) -> int:
+    return int(batch["item"].shape[0])
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def logits(model, batch: Batch, phi_table: torch.Tensor | None = None, batch_size: int = 8192) -> torch.Tensor:
+    """Scores of `batch` with the unpatched model (phi_table None) or each owner's patched model."""
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for idx in minibatches(size(batch), batch_size, None):
+            b = take(batch, idx)
+            if phi_table is None:
+                out.append(_unpatched(model, b))
+            else:
+                out.append(model(b["item"], b["hist"], b["profile"], phi=phi_table[b["owner"]]))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _unpatched(model, b: Batch) -> torch.Tensor:
+    fwd = getattr(model, "forward_unpatched", model)
+    return fwd(b["item"], b["hist"], b["profile"])
+
+
+def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logit, target)
+
+
+def fit_cloud(
+    model,
+    data: Batch,
+    params: list[torch.nn.Parameter],
+    epochs: int,
+    lr: float,
+    batch_size: int = 512,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    teacher: torch.Tensor | None = None,
+    lam: float = 0.0,
+    progress=None,
+) -> list[float]:
+    """Train W_f (the given params) with CE on labels (+ λ·CE on teacher probabilities: MoMoDistill
+    step 1 when `teacher` holds the device models' logits). Returns the mean loss per epoch."""
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    soft = torch.sigmoid(teacher) if teacher is not None else None
+    history = []
+    model.train()
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for idx in minibatches(size(data), batch_size, gen):
+            b = take(data, idx)
+            out = _unpatched(model, b)
+            loss = bce(out, b["label"])
+            if soft is not None and lam > 0:
+                loss = loss + lam * bce(out, soft[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+        if progress is not None:
+            progress.update(1)
+    return history
