@@ -20,6 +20,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "cloud_trainer.experiment",
         "offline study: every strategy on identical splits and seeds, tables + plots",
     ),
+    ("cloud", "ingest"): (
+        "cloud_trainer.ingest.service",
+        "MQTT patches -> validation -> patch store (SQLite / PostgreSQL), acked after commit",
+    ),
+    ("fleet", "status"): ("cloud_trainer.fleet.status", "one-shot fleet table (or JSON): availability + heartbeats"),
+    ("fleet", "watch"): ("cloud_trainer.fleet.watch", "live terminal view of the fleet"),
 }
 
 
