@@ -29,16 +29,24 @@ class DINConfig:
 
 
 class TargetAttention(nn.Module):
-    """DIN activation unit: weight each history item by an MLP of [k, q, k-q, k*q]."""
+    """DIN activation unit: weight each history item k by an MLP of [k, q, k-q, k*q].
+
+    The first layer of that MLP is linear, so it is computed as W_k·k + W_q·q + W_kq·(k*q) (k-q folds
+    into the first two): the query term once per sample instead of once per history position, and
+    no (B, L, 4D) concatenation — the same function class at a fraction of the cost.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.key = nn.Linear(dim, hidden)
+        self.query = nn.Linear(dim, hidden, bias=False)
+        self.cross = nn.Linear(dim, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # query (B, D), keys (B, L, D), mask (B, L) float 1 = real item
-        q = query.unsqueeze(1).expand_as(keys)
-        scores = self.mlp(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)  # (B, L)
+        h = torch.relu(self.key(keys) + self.query(query).unsqueeze(1) + self.cross(keys * query.unsqueeze(1)))
+        scores = self.out(h).squeeze(-1)  # (B, L)
         # Masked softmax that yields exactly zero weights (not NaN) for an empty history.
         scores = scores.masked_fill(mask == 0, -1e9)
         weights = torch.softmax(scores, dim=-1) * mask  # (B, L)
@@ -71,16 +79,20 @@ class DIN(nn.Module):
             self.item_emb.weight[0].zero_()
             self.attr_emb.weight[0].zero_()
 
-    def embed_items(self, ids: torch.Tensor) -> torch.Tensor:
-        """(...,) item ids -> (..., 2*emb_dim): the item embedding and its mean attribute embedding."""
-        attrs = self.item_attrs[ids]  # (..., A)
-        amask = (attrs > 0).to(torch.float32).unsqueeze(-1)
-        attr = (self.attr_emb(attrs) * amask).sum(-2) / amask.sum(-2).clamp(min=1.0)
-        return torch.cat([self.item_emb(ids), attr], dim=-1)
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1, 2*emb_dim): each item's embedding beside its mean attribute embedding.
+
+        Built once per forward for the whole catalogue: far cheaper than gathering B·L·A attribute
+        embeddings, and row 0 (padding) stays zero.
+        """
+        amask = (self.item_attrs > 0).to(torch.float32).unsqueeze(-1)  # (I+1, A, 1)
+        attr = (self.attr_emb(self.item_attrs) * amask).sum(1) / amask.sum(1).clamp(min=1.0)  # (I+1, d)
+        return torch.cat([self.item_emb.weight, attr], dim=-1)
 
     def forward(self, item: torch.Tensor, hist: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-        target = self.embed_items(item)  # (B, D)
-        keys = self.embed_items(hist)  # (B, L, D)
+        table = self.item_table()
+        target = table[item]  # (B, D)
+        keys = table[hist]  # (B, L, D)
         mask = (hist > 0).to(torch.float32)
         interest = self.attention(target, keys, mask)  # (B, D)
         parts = [target, interest, target * interest]
