@@ -361,7 +361,11 @@ def test_eval_negatives_identical_across_calls_and_subsets(synth, synth_split):
     a = build_eval_set(synth, w, seed=9)
     b = build_eval_set(synth, w, seed=9)
     assert (a.candidates == b.candidates).all() and (a.hist == b.hist).all()
-    # Negatives depend only on (seed, user, position): dropping half the users changes nothing else.
+    # Every future positive of a user faces the same negatives.
+    for u in np.unique(a.user)[:20]:
+        rows = a.candidates[a.user == u, 1:]
+        assert (rows == rows[0]).all()
+    # Negatives depend only on (seed, user, window): dropping half the users changes nothing else.
     keep = np.arange(synth.n_users) % 2 == 0
     half = replace(w, future=np.where(keep[:, None], w.future, 0))
     c = build_eval_set(synth, half, seed=9)

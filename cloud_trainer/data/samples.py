@@ -201,7 +201,7 @@ def build_eval_set(
     max_len: int = DEFAULT_MAX_LEN,
     seed: int = 0,
 ) -> EvalSet:
-    """Each positive in window `which` ("future" or "val") vs `n_neg` distinct negatives.
+    """Each positive in window `which` ("future" or "val") vs the user's `n_neg` distinct negatives.
 
     hist is the last `max_len` items before the window starts (the state at deployment),
     so it never holds an item of the evaluated window. Cold users are included, flagged.
@@ -213,7 +213,11 @@ def build_eval_set(
     user, pos = _positions(win)
     cand = np.empty((len(user), 1 + n_neg), np.int64)
     cand[:, 0] = idx.flat[idx.offset[user] + pos]
-    cand[:, 1:] = idx.negatives(seed, _EVAL_STREAM, user, pos, n_neg, distinct=True)
+    # One fixed negative set per user and window (keyed by the window start): every future positive
+    # of a user is ranked against the same items, and a user's distinct candidates are scored once.
+    users, first = np.unique(user, return_index=True)
+    negs = idx.negatives(seed, _EVAL_STREAM, users, win[users, 0], n_neg, distinct=True)
+    cand[:, 1:] = negs[np.searchsorted(users, user)]
     return EvalSet(
         user=user, hist=idx.hist(user, win[user, 0], max_len), candidates=cand,
         group=windows.group[user], cold=windows.cold[user],

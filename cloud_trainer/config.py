@@ -1,0 +1,114 @@
+"""The experiment configuration: one validated object, errors that name the field and the value."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, field
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass as validated_dataclass
+
+from cloud_trainer.models.metapatch import MetaPatchConfig
+from cloud_trainer.momodistill import MoMoDistillConfig
+from cloud_trainer.patch_generator import MetaTrainConfig
+from cloud_trainer.personalize import DeviceTrainConfig
+from dccl.errors import DcclError
+
+FORBID = ConfigDict(extra="forbid")
+for _cls in (MetaPatchConfig, MoMoDistillConfig, MetaTrainConfig, DeviceTrainConfig):
+    _cls.__pydantic_config__ = FORBID  # unknown keys in a section are errors, not silently ignored
+
+DATASETS = ("synthetic", "ml-100k", "ml-1m", "amazon")
+STRATEGIES = ("stale", "model-over-data", "full-patch", "metapatch", "dccl", "fedavg-patches")
+
+
+@validated_dataclass(config=FORBID)
+class DataConfig:
+    neg: int = Field(default=4, ge=0, le=100)  # sampled training negatives per positive
+    max_len: int = Field(default=20, ge=1, le=200)
+    fresh_frac: float = Field(default=0.2, gt=0, lt=1)
+    future_frac: float = Field(default=0.15, gt=0, lt=1)
+    val_frac: float = Field(default=0.3, ge=0, lt=1)
+    cold_frac: float = Field(default=0.1, ge=0, lt=1)
+    eval_negatives: int = Field(default=100, ge=1)
+    synthetic_users: int = Field(default=600, ge=10)
+    synthetic_items: int = Field(default=800, ge=20)
+
+
+@validated_dataclass(config=FORBID)
+class CloudConfig:
+    emb_dim: int = Field(default=16, ge=2)
+    mlp_hidden: tuple[int, ...] = (64, 32)
+    attn_hidden: int = Field(default=32, ge=1)
+    pretrain_epochs: int = Field(default=3, ge=1)
+    update_epochs: int = Field(default=2, ge=1)  # per round, for model-over-data and MoMoDistill step 1
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=512, ge=1)
+
+
+class ExperimentConfig(BaseModel):
+    model_config = FORBID
+    dataset: Literal["synthetic", "ml-100k", "ml-1m", "amazon"] = "synthetic"
+    data_path: str | None = None
+    rounds: int = Field(default=2, ge=1, le=20)
+    seeds: int = Field(default=3, ge=1, le=20)
+    strategies: list[Literal["stale", "model-over-data", "full-patch", "metapatch", "dccl", "fedavg-patches"]] = \
+        Field(default_factory=lambda: list(STRATEGIES))
+    tune: bool = True  # choose the device step budget on the validation slices (seed 0, round 0)
+    tune_steps: list[int] = Field(default_factory=lambda: [0, 5, 10, 20, 40])
+    data: DataConfig = field(default_factory=DataConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
+    device: DeviceTrainConfig = field(default_factory=DeviceTrainConfig)
+    full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
+    meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
+    momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
+
+    def to_dict(self) -> dict:
+        out = self.model_dump()
+        for k, v in out.items():
+            if hasattr(v, "__dataclass_fields__"):
+                out[k] = asdict(v)
+        return out
+
+
+def format_validation_error(exc: pydantic.ValidationError, data: dict) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = json.dumps(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"{path} = {shown}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def build_config(overrides: dict, file: str | Path | None = None) -> ExperimentConfig:
+    """A config from an optional JSON file, then command-line overrides (dotted keys allowed)."""
+    data: dict = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DcclError(f"config file {path}: no such file") from None
+        except json.JSONDecodeError as exc:
+            raise DcclError(f"config file {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(data, dict):
+            raise DcclError(f"config file {path}: the top level must be a JSON object")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return ExperimentConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise DcclError("invalid config: " + format_validation_error(exc, data)) from None
+    except (ValueError, TypeError) as exc:
+        raise DcclError(f"invalid config: {exc}") from None
