@@ -187,6 +187,20 @@ class StateStore:
             hint = (f"; the previous state is kept in {self.prev_path}" if self.prev_path.exists() else "")
             raise StateError(f"{exc}{hint}") from None
 
+    def _remove_stale_tmp(self) -> None:
+        """Temp files of writers that died mid-write (kill -9); never the live ones of a running writer."""
+        for f in self.dir.glob("state*.npz.*.tmp"):
+            try:
+                pid = int(f.name.split(".")[-2])
+                if pid != os.getpid():
+                    os.kill(pid, 0)
+                    continue        # that process is alive and may be writing it
+            except ProcessLookupError:
+                pass
+            except (ValueError, PermissionError):
+                continue
+            f.unlink(missing_ok=True)
+
     def save(self, state: DeviceState) -> DeviceState:
         """Atomically replace the state on disk; returns it with generation / saved_at updated.
 
@@ -196,6 +210,7 @@ class StateStore:
         new = DeviceState(**{**state.__dict__, "generation": state.generation + 1, "saved_at": time.time()})
         data = encode_state(new)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_tmp()
         try:
             old = self.path.read_bytes()
         except FileNotFoundError:
