@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +84,32 @@ def build_bundle(out: Path) -> Path:
         pytest.skip(f"could not build a test bundle: {r.stderr.strip().splitlines()[-1:]}")
     shutil.copytree(cache, out, dirs_exist_ok=True)
     return out
+
+
+class FakeModel:
+    """A numpy stand-in for a bundle's model (``edge_agent.agent.Model``): deterministic scores
+    that depend on φ, the history and the profile, so tests see each of them flow through."""
+
+    def __init__(self, n_items: int = 50, max_len: int = 5, profile_vocab: tuple[int, ...] = (3, 4),
+                 m: int = 4, version: str = "fake-1"):
+        from edge_agent.agent import BundleInfo
+        self.info = BundleInfo(version, n_items, max_len, profile_vocab, {"phi": (1, m)})
+        self.calls: list[tuple] = []
+
+    def score(self, phi, item, hist, profile):
+        self.calls.append(("score", item.copy(), hist.copy(), profile.copy()))
+        # items near the most recent history item score higher; φ[0] shifts every score
+        last = hist[:, -1].astype(np.float64)
+        return -np.abs(item - last) + float(phi["phi"][0, 0]) + 0.01 * profile.sum(1)
+
+    def initial_phi(self, profile, hist, phi_prev):
+        self.calls.append(("initial_phi", profile.copy(), hist.copy()))
+        return {"phi": np.full((1, self.info.trainable["phi"][1]), 0.25, np.float32)}, "encoder"
+
+    def train(self, phi, opt, arrays, cfg, seed):
+        from edge_agent.agent import RoundResult
+        self.calls.append(("train", len(arrays.train), len(arrays.val), seed))
+        new = {"phi": phi["phi"] + 1.0}
+        step = int(opt.get("step", np.array(0))) + 3
+        return RoundResult(new, {"step": np.array(step, np.int64)}, loss=0.5, steps=3,
+                           kept_previous=False, backend="fake", detail={})
