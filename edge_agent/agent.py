@@ -14,7 +14,6 @@ Everything bundle-specific sits behind ``Model`` so the store / state / HTTP pat
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -36,38 +35,12 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class BundleInfo:
-    """The parts of ``manifest.json`` the agent needs (the trainer checks the rest)."""
+    """What the agent needs to know of a bundle (``edge_agent.trainer.Bundle`` verifies the rest)."""
     version: str
     n_items: int
     max_len: int
     profile_vocab: tuple[int, ...]
     trainable: dict[str, tuple[int, ...]]     # name -> shape (all float32)
-
-    @classmethod
-    def read(cls, bundle_dir: Path) -> "BundleInfo":
-        path = Path(bundle_dir) / MANIFEST
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DcclError(f"bundle {bundle_dir}: no {MANIFEST} (has a bundle been installed?)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DcclError(f"bundle manifest {path}: unreadable ({exc})") from None
-        try:
-            version = m.get("version") or m.get("bundle_version")
-            schema = m["input_schema"]
-            n_items = int(schema["item"]["vocab"]) - 1
-            max_len = int(schema["hist"]["shape"][1])
-            vocab = tuple(int(v) for v in schema["profile"]["vocab"])
-            trainable = {n: tuple(int(d) for d in s["shape"]) for n, s in m["trainable"].items()}
-            bad = [n for n, s in m["trainable"].items() if s.get("dtype", "float32") != "float32"]
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise DcclError(f"bundle manifest {path}: missing or malformed field ({type(exc).__name__}: {exc})") from None
-        if not isinstance(version, str) or not version:
-            raise DcclError(f"bundle manifest {path}: no version")
-        if n_items < 1 or max_len < 1 or not trainable or bad:
-            raise DcclError(f"bundle manifest {path}: n_items={n_items}, max_len={max_len}, "
-                            f"trainable={sorted(trainable)} (non-float32: {bad}) is not a usable schema")
-        return cls(str(version), n_items, max_len, vocab, trainable)
 
 
 class Model(Protocol):
@@ -105,6 +78,8 @@ class Agent:
                            max_age_days=config.retention.max_age_days)
         self.states = StateStore(config.state_dir)
         self._model = model
+        self._owns_model = model is None
+        self._model_stamp: tuple[int, int, int] | None = None
         self._lock = threading.RLock()
         self._state: DeviceState | None = None
         self._state_stamp: tuple[int, int] | None = None
@@ -122,9 +97,19 @@ class Agent:
 
     @property
     def model(self) -> Model:
+        """The bundle's model; reloaded when a new bundle was installed (manifest.json replaced)."""
         with self._lock:
-            if self._model is None:
+            if self._model is not None and not self._owns_model:
+                return self._model
+            try:
+                st = (Path(self.config.bundle_dir) / MANIFEST).stat()
+                stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if self._model is None or stamp != self._model_stamp:
+                self._model = None
                 self._model = BundleModel(self.config)
+                self._model_stamp = stamp
             return self._model
 
     def state(self) -> DeviceState:
@@ -244,8 +229,8 @@ class Agent:
             state.last_train_time = time.time()
             state.last_train_loss = res.loss
             state.last_train_samples = len(arrays.train)
-            state.phi_source = "previous" if res.kept_previous and state.rounds > 1 else (
-                state.phi_source if res.kept_previous else "trained")
+            if not res.kept_previous:
+                state.phi_source = "trained"
             state.counters = {**state.counters, "rounds_kept_previous":
                               state.counters.get("rounds_kept_previous", 0) + int(res.kept_previous)}
             self._save(state)
@@ -295,41 +280,62 @@ def _check_phi(phi: dict[str, np.ndarray], info: BundleInfo) -> None:
 
 
 class BundleModel:
-    """``Model`` backed by the bundle on disk and ``edge_agent.trainer`` (imported when first needed)."""
+    """``Model`` backed by a verified bundle on disk and ``edge_agent.trainer``.
+
+    The bundle is verified (manifest schema + sha256 of every file) once, when the agent first
+    needs it; a corrupted or truncated bundle is a DcclError naming the file, and the saved
+    state is left as it is.
+    """
 
     def __init__(self, config: AgentConfig):
-        self.config = config
-        self.info = BundleInfo.read(config.bundle_dir)
-        self._trainer = None
-        self._encoder = None
+        from edge_agent import trainer as T     # imports onnxruntime: only when a bundle is used
 
-    def _get_trainer(self) -> Any:
-        if self._trainer is None:
-            try:
-                from edge_agent.trainer import Trainer
-            except ImportError as exc:
-                raise DcclError(f"edge_agent.trainer is not available ({exc})") from None
-            self._trainer = Trainer(self.config.bundle_dir, backend=self.config.train.backend)
-        return self._trainer
+        self.config = config
+        self._T = T
+        if not (Path(config.bundle_dir) / MANIFEST).exists():
+            raise DcclError(f"bundle {config.bundle_dir}: no {MANIFEST} (has a bundle been installed?)")
+        self.bundle = T.Bundle(config.bundle_dir, verify=True)
+        b = self.bundle
+        self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
+                               {b.phi_name: tuple(int(d) for d in b.phi_shape)})
+        self._scorer = None
+        self._encoder = None
+        self._trainer = None
 
     def score(self, phi, item, hist, profile):
-        return self._get_trainer().score(phi, item, hist, profile)
+        if self._scorer is None:
+            self._scorer = self._T.Scorer(self.bundle, threads=1)
+        return self._scorer.score(phi[self.bundle.phi_name], item, hist, profile)
 
     def initial_phi(self, profile, hist, phi_prev):
-        enc = Path(self.config.bundle_dir) / "encoder.onnx"
-        if not enc.exists():
-            return {k: np.zeros(s, np.float32) for k, s in self.info.trainable.items()}, "zeros"
+        name, shape = self.bundle.phi_name, self.bundle.phi_shape
+        if not self.bundle.manifest["models"].get("encoder"):
+            return {name: np.zeros(shape, np.float32)}, "zeros"
         if self._encoder is None:
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = 1
-            self._encoder = ort.InferenceSession(str(enc), so, providers=["CPUExecutionProvider"])
-        ((name, shape),) = self.info.trainable.items()   # the encoder makes one φ vector
-        m = int(np.prod(shape))
-        prev = np.zeros((1, m), np.float32) if phi_prev is None else phi_prev[name].reshape(1, m)
-        out = self._encoder.run(None, {"profile": profile.astype(np.int64), "hist": hist.astype(np.int64),
-                                       "phi_prev": prev.astype(np.float32)})[0]
-        return {name: np.asarray(out, np.float32).reshape(shape)}, "encoder"
+            self._encoder = self._T.Encoder(self.bundle, threads=1)
+        prev = None if phi_prev is None else phi_prev[name]
+        phi = self._encoder.start_phi(profile.reshape(-1), hist.reshape(-1), prev)
+        return {name: np.asarray(phi, np.float32).reshape(shape)}, "encoder"
 
     def train(self, phi, opt, arrays, cfg, seed):
-        raise DcclError("training through edge_agent.trainer is not wired yet")
+        t = cfg.train
+        if self._trainer is None:
+            self._trainer = self._T.Trainer(self.bundle, backend=t.backend, threads=1)
+        name = self.bundle.phi_name
+
+        def as_dict(s):
+            return {"item": s.item, "hist": s.hist, "profile": s.profile, "label": s.label}
+
+        val = as_dict(arrays.val) if len(arrays.val) else None
+        r = self._trainer.train(phi[name], as_dict(arrays.train), steps=t.max_steps, epochs=t.max_epochs,
+                                seconds=t.max_seconds, batch_size=t.batch_size, val=val, seed=seed)
+        loss = r.val_loss_after if val is not None else (r.losses[-1] if r.losses else None)
+        # The trainer starts AdamW moments fresh each round (as the PyTorch reference does):
+        # there is no optimiser state to carry over, so none is saved.
+        return RoundResult(
+            phi={name: np.asarray(r.phi, np.float32).reshape(self.bundle.phi_shape)}, opt={},
+            loss=None if loss is None else float(loss), steps=r.steps, kept_previous=r.kept_previous,
+            backend=r.backend,
+            detail={"stopped": r.stopped, "best_step": r.best_step, "val_loss_before": r.val_loss_before,
+                    "first_train_loss": r.losses[0] if r.losses else None,
+                    "last_train_loss": r.losses[-1] if r.losses else None})
