@@ -1,0 +1,236 @@
+"""The device bundle's manifest: schema, load + validate, sha256 verification. Torch-free.
+
+A bundle is a directory: ``manifest.json`` plus the files it lists. The manifest says what the
+bundle is (format, version, source), what every file hashes to, what a device may train
+(``trainable``), what it feeds the graphs (``inputs``), how it trains (``loss``, ``optimizer``)
+and what a correct implementation computes on a fixed batch (``reference``), so a board can check
+itself. Every problem is a ``ManifestError`` whose message names the field or the file.
+
+Keys (``manifest_version`` 1)::
+
+  format            "dccl-bundle"
+  manifest_version  1
+  bundle_version    str, e.g. "r0-s1200-3fa9c2d1"
+  created           ISO-8601 UTC
+  files             {relative path: {"sha256": hex64, "size": int}}   (manifest.json excluded)
+  models            {"inference", "train_step", "encoder" (or null),
+                     "ort_training": {"training_model", "eval_model", "optimizer_model", "checkpoint"}}
+  trainable         {name: {"shape": [int, ...], "dtype": "float32"}}
+  inputs            {"item"|"hist"|"profile"|"label"|"phi": {"dtype", "shape" (ints or "batch"), "vocab"?}}
+  schema            {"n_items", "n_attrs", "max_len", "profile_vocab", "phi_dim"}
+  loss              {"name": "bce_with_logits", "formula": str}
+  optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse"}
+  portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
+  reference         {"batch": {...lists}, "phi0", "steps", "phi_after", "losses", "grad0", "logits0",
+                     "tolerance": {"phi", "grad", "logit"}}
+  source            {"checkpoint_sha256", "step", "round"}
+  versions          {package: version}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dccl.errors import DcclError
+
+FILE = "manifest.json"
+FORMAT = "dccl-bundle"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 4 << 20
+INPUT_NAMES = ("item", "hist", "profile", "label", "phi")
+ORT_TRAINING_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint")
+OPTIMIZER_FLOATS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(DcclError):
+    """A bundle or manifest that must be rejected; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"bundle manifest: {field}: {message}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _need(obj: dict, key: str, typ, where: str):
+    if key not in obj:
+        raise ManifestError(f"{where}{key}", "missing")
+    value = obj[key]
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        raise ManifestError(f"{where}{key}", f"{value!r} is not {getattr(typ, '__name__', typ)}")
+    return value
+
+
+def _safe_path(path: str, field: str) -> str:
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or ".." in p.parts or "\\" in path or path == FILE:
+        raise ManifestError(field, f"{path!r} is not a safe relative file name")
+    return path
+
+
+def validate(obj: Any) -> dict:
+    """Check the structure and types of a parsed manifest; returns it unchanged."""
+    if not isinstance(obj, dict):
+        raise ManifestError("(top level)", "not a JSON object")
+    fmt = _need(obj, "format", str, "")
+    if fmt != FORMAT:
+        raise ManifestError("format", f"{fmt!r}, expected {FORMAT!r}")
+    ver = _need(obj, "manifest_version", int, "")
+    if ver != MANIFEST_VERSION:
+        raise ManifestError("manifest_version", f"{ver} is not a version this code reads ({MANIFEST_VERSION})")
+    if not _need(obj, "bundle_version", str, "").strip():
+        raise ManifestError("bundle_version", "empty")
+
+    files = _need(obj, "files", dict, "")
+    if not files:
+        raise ManifestError("files", "empty")
+    for path, entry in files.items():
+        _safe_path(path, f"files[{path!r}]")
+        if not isinstance(entry, dict):
+            raise ManifestError(f"files[{path!r}]", "not an object")
+        digest = _need(entry, "sha256", str, f"files[{path!r}].")
+        if not _HEX64.match(digest):
+            raise ManifestError(f"files[{path!r}].sha256", f"{digest!r} is not 64 lowercase hex digits")
+        if _need(entry, "size", int, f"files[{path!r}].") < 0:
+            raise ManifestError(f"files[{path!r}].size", "negative")
+
+    models = _need(obj, "models", dict, "")
+    for role in ("inference", "train_step"):
+        if _need(models, role, str, "models.") not in files:
+            raise ManifestError(f"models.{role}", f"{models[role]!r} is not listed in files")
+    if models.get("encoder") is not None and models["encoder"] not in files:
+        raise ManifestError("models.encoder", f"{models['encoder']!r} is not listed in files")
+    ort = _need(models, "ort_training", dict, "models.")
+    for role in ORT_TRAINING_ROLES:
+        if _need(ort, role, str, "models.ort_training.") not in files:
+            raise ManifestError(f"models.ort_training.{role}", f"{ort[role]!r} is not listed in files")
+
+    trainable = _need(obj, "trainable", dict, "")
+    if not trainable:
+        raise ManifestError("trainable", "empty: a bundle must name what a device trains")
+    for name, entry in trainable.items():
+        if not isinstance(entry, dict):
+            raise ManifestError(f"trainable[{name!r}]", "not an object")
+        shape = _need(entry, "shape", list, f"trainable[{name!r}].")
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ManifestError(f"trainable[{name!r}].shape", f"{shape!r} is not a list of positive ints")
+        if _need(entry, "dtype", str, f"trainable[{name!r}].") != "float32":
+            raise ManifestError(f"trainable[{name!r}].dtype", f"{entry['dtype']!r}, expected 'float32'")
+
+    inputs = _need(obj, "inputs", dict, "")
+    for name in INPUT_NAMES:
+        entry = _need(inputs, name, dict, "inputs.")
+        dtype = _need(entry, "dtype", str, f"inputs.{name}.")
+        if dtype not in ("int64", "float32"):
+            raise ManifestError(f"inputs.{name}.dtype", f"{dtype!r} is not int64 or float32")
+        shape = _need(entry, "shape", list, f"inputs.{name}.")
+        if not all(d == "batch" or isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ManifestError(f"inputs.{name}.shape", f"{shape!r}: dims must be ints >= 0 or 'batch'")
+
+    schema = _need(obj, "schema", dict, "")
+    for key in ("n_items", "max_len", "phi_dim"):
+        if _need(schema, key, int, "schema.") < 1:
+            raise ManifestError(f"schema.{key}", f"{schema[key]} must be >= 1")
+    vocab = _need(schema, "profile_vocab", list, "schema.")
+    if not all(isinstance(v, int) and v >= 1 for v in vocab):
+        raise ManifestError("schema.profile_vocab", f"{vocab!r} is not a list of ints >= 1")
+
+    opt = _need(obj, "optimizer", dict, "")
+    if _need(opt, "name", str, "optimizer.") != "adamw":
+        raise ManifestError("optimizer.name", f"{opt['name']!r}, expected 'adamw'")
+    for key in OPTIMIZER_FLOATS:
+        value = _need(opt, key, (int, float), "optimizer.")
+        if not math.isfinite(value) or value < 0:
+            raise ManifestError(f"optimizer.{key}", f"{value!r} must be finite and >= 0")
+    if not opt["lr"] > 0:
+        raise ManifestError("optimizer.lr", f"{opt['lr']!r} must be > 0")
+    if _need(opt, "steps", int, "optimizer.") < 0:
+        raise ManifestError("optimizer.steps", "negative")
+    _need(opt, "keep_if_worse", bool, "optimizer.")
+    _need(_need(obj, "loss", dict, ""), "name", str, "loss.")
+    _need(obj, "versions", dict, "")
+    if "reference" in obj and obj["reference"] is not None:
+        ref = _need(obj, "reference", dict, "")
+        for key in ("batch", "phi0", "phi_after", "losses", "grad0", "logits0", "tolerance"):
+            _need(ref, key, (dict, list), "reference.")
+        _need(ref, "steps", int, "reference.")
+    return obj
+
+
+def load(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict:
+    """Read, validate and (``verify``) check every listed file's size and sha256."""
+    path = Path(bundle_dir) / FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(FILE, f"cannot read {path} ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(FILE, f"{len(raw)} bytes > {MAX_MANIFEST_BYTES}")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(FILE, f"not valid JSON ({exc})") from None
+    validate(obj)
+    if verify:
+        verify_files(bundle_dir, obj)
+    return obj
+
+
+def verify_files(bundle_dir: str | os.PathLike, manifest: dict) -> None:
+    """Every listed file exists with its size and sha256 (a truncated, corrupted or swapped file
+    fails here, before any runtime parses it)."""
+    root = Path(bundle_dir)
+    for rel, entry in manifest["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise ManifestError(f"files[{rel!r}]", f"missing from {root}")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ManifestError(f"files[{rel!r}]", f"size {size} != {entry['size']} in the manifest (truncated or replaced)")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ManifestError(f"files[{rel!r}]", f"sha256 {digest[:16]}... != {entry['sha256'][:16]}... in the manifest (corrupted or tampered)")
+
+
+def file_entries(bundle_dir: str | os.PathLike, names: list[str]) -> dict[str, dict]:
+    root = Path(bundle_dir)
+    return {n: {"sha256": sha256_file(root / n), "size": (root / n).stat().st_size} for n in names}
+
+
+def write(bundle_dir: str | os.PathLike, manifest: dict) -> Path:
+    """Validate and write ``manifest.json`` atomically (temp file, fsync, rename)."""
+    validate(manifest)
+    root = Path(bundle_dir)
+    data = json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False).encode()
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=FILE + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / FILE)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return root / FILE
+
+
+def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
+    """The digest a model announcement carries (``dccl.protocol.payloads.dump_announcement``)."""
+    return sha256_file(Path(bundle_dir) / FILE)

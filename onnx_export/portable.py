@@ -1,0 +1,138 @@
+"""The portable train step: forward + backward + AdamW update of φ as one ONNX graph.
+
+Plain ``onnxruntime`` (aarch64 wheels, no training build) runs it with standard operators only.
+The step is traced with ``make_fx`` (autograd inside the trace, so the backward ops are ordinary
+aten ops in the graph) and exported with ``torch.onnx.export(dynamo=True, opset 18,
+optimize=False)`` — ``optimize=True`` would fold ``x + eps`` into ``x`` (NOTES.md). The AdamW
+hyperparameters are graph *inputs*, so no constant folding can touch them and a device can
+change its learning rate without a new file.
+
+Graph I/O (B dynamic):
+  inputs   phi [1, m], m [1, m], v [1, m], step [] int64,
+           lr [], beta1 [], beta2 [], eps [], weight_decay [] float32,
+           item [B], hist [B, L], profile [B, P] int64, label [B] float32
+  outputs  phi_out, m_out, v_out [1, m], step_out [] int64, loss [], grad [1, m]
+``grad`` is the gradient of the loss at the input φ (before the update).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import onnx
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from cloud_trainer.models.metapatch import MetaPatchModel
+from onnx_export.schema import BATCH, MAX_IR_VERSION, example_batch
+
+FILE = "train_step.onnx"
+STATE_INPUTS = ("phi", "m", "v", "step")
+HYPER_INPUTS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+BATCH_INPUTS = ("item", "hist", "profile", "label")
+INPUTS = STATE_INPUTS + HYPER_INPUTS + BATCH_INPUTS
+OUTPUTS = ("phi_out", "m_out", "v_out", "step_out", "loss", "grad")
+OPSET = 18
+
+
+def stable_bce(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """The same loss as the ORT artifacts: mean(relu(x) - x*y + log(1 + exp(-|x|)))."""
+    return (torch.relu(logit) - logit * label + torch.log1p(torch.exp(-logit.abs()))).mean()
+
+
+def make_step_fn(model: MetaPatchModel, names: list[str]):
+    """step(*frozen, φ, m, v, step, lr, β1, β2, eps, wd, item, hist, profile, label)
+    -> (φ', m', v', step', loss, grad): one torch.optim.AdamW step (single-tensor algorithm) on φ.
+    The model's tensors come in as arguments (``names`` order) so that symbolic tracing sees no
+    real tensors; every one of them is frozen."""
+    k = len(names)
+
+    def step_fn(*args):
+        frozen = dict(zip(names, args[:k]))
+        phi, m, v, step, lr, beta1, beta2, eps, weight_decay, item, hist, profile, label = args[k:]
+        with torch.enable_grad():
+            p = phi.detach().requires_grad_(True)
+            logit = functional_call(model, frozen, (item, hist, profile), {"phi": p})
+            loss = stable_bce(logit, label)
+            (grad,) = torch.autograd.grad(loss, [p])
+        t = step + 1
+        tf = t.to(torch.float32)
+        m2 = beta1 * m + (1 - beta1) * grad
+        v2 = beta2 * v + (1 - beta2) * grad * grad
+        bc1 = 1 - torch.pow(beta1, tf)
+        bc2 = 1 - torch.pow(beta2, tf)
+        denom = torch.sqrt(v2) / torch.sqrt(bc2) + eps
+        phi2 = phi * (1 - lr * weight_decay) - (lr / bc1) * m2 / denom
+        return phi2, m2, v2, t, loss.detach(), grad
+
+    return step_fn
+
+
+class _Traced(nn.Module):
+    """Holds the model's frozen tensors as buffers (they become the graph's initializers)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, frozen: list[torch.Tensor]):
+        super().__init__()
+        self.gm = gm
+        self.n = len(frozen)
+        for i, t in enumerate(frozen):
+            self.register_buffer(f"frozen_{i}", t.detach().clone())
+
+    def forward(self, phi, m, v, step, lr, beta1, beta2, eps, weight_decay, item, hist, profile, label):
+        frozen = [getattr(self, f"frozen_{i}") for i in range(self.n)]
+        return self.gm(*frozen, phi, m, v, step, lr, beta1, beta2, eps, weight_decay, item, hist, profile, label)
+
+
+def example_args(model: MetaPatchModel, batch: int = 3) -> tuple[torch.Tensor, ...]:
+    ex = {k: torch.from_numpy(v) for k, v in example_batch(model, batch, seed=0).items()}
+    zeros = torch.zeros(1, model.phi_dim)
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return (zeros.clone(), zeros.clone(), zeros.clone(), torch.tensor(0, dtype=torch.int64),
+            f(1e-2), f(0.9), f(0.999), f(1e-8), f(0.0),
+            ex["item"], ex["hist"], ex["profile"], ex["label"])
+
+
+def export(model: MetaPatchModel, path: str | os.PathLike) -> None:
+    was_training = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only φ (an input here) gets a gradient
+    model.eval()
+    try:
+        args = example_args(model)
+        state = {n: t for n, t in model.state_dict(keep_vars=False).items() if not n.endswith("metapatch_phi")}
+        # φ is an input; the model's own metapatch_phi must not be read (it is not in `state`).
+        names = list(state)
+        frozen = [state[n] for n in names]
+        gm = make_fx(make_step_fn(model, names), tracing_mode="symbolic")(*frozen, *args)
+        batch = Dim(BATCH, min=1, max=1 << 20)
+        dyn = {n: None for n in STATE_INPUTS + HYPER_INPUTS}
+        dyn.update({"item": {0: batch}, "hist": {0: batch}, "profile": {0: batch}, "label": {0: batch}})
+        # "torchvision is not installed" warnings from the exporter's op registry are noise here.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+        prog = torch.onnx.export(
+            _Traced(gm, frozen).eval(), args, dynamo=True, opset_version=OPSET, optimize=False,
+            input_names=list(INPUTS), output_names=list(OUTPUTS), dynamic_shapes=dyn,
+            verbose=False, report=False,
+        )
+        proto = prog.model_proto
+    finally:
+        for p, rg in zip(model.parameters(), was_training):
+            p.requires_grad_(rg)
+    _strip_metadata(proto)
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    onnx.save(proto, os.fspath(path))
+
+
+def _strip_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and metadata: half the file, no use on a board."""
+    g = proto.graph
+    for node in g.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in (*g.value_info, *g.input, *g.output, *g.initializer):
+        del value.metadata_props[:]

@@ -1,0 +1,64 @@
+"""The model's input schema, and deterministic example batches that follow it.
+
+One place says what a device feeds the exported graphs (names shared with
+``cloud_trainer.models``): ``item [B] int64``, ``hist [B, L] int64``, ``profile [B, P] int64``,
+``label [B] float32``, ``phi [1, m] float32``. The manifest records it; the tests, the reference
+values in the manifest and the benchmark draw batches from it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from cloud_trainer.models.metapatch import MetaPatchModel
+
+BATCH = "batch"  # the name of the dynamic batch dimension in every exported graph
+MAX_IR_VERSION = 10  # ORT 1.19 (the training build) reads IR <= 10 (NOTES.md)
+
+
+def trainable_spec(model: MetaPatchModel) -> dict[str, dict]:
+    """{name: {"shape": [...], "dtype": "float32"}} of the device-trainable parameters, found
+    structurally (``device_trainable``), in the manifest's form."""
+    return {n: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+            for n, p in model.device_trainable().items()}
+
+
+def input_schema(model: MetaPatchModel) -> dict[str, dict]:
+    cfg = model.base.config
+    L, P = cfg.max_len, len(cfg.profile_vocab)
+    return {
+        "item": {"dtype": "int64", "shape": [BATCH], "vocab": cfg.n_items + 1},
+        "hist": {"dtype": "int64", "shape": [BATCH, L], "vocab": cfg.n_items + 1},
+        "profile": {"dtype": "int64", "shape": [BATCH, P], "vocab": list(cfg.profile_vocab)},
+        "label": {"dtype": "float32", "shape": [BATCH]},
+        "phi": {"dtype": "float32", "shape": [1, model.phi_dim]},
+    }
+
+
+def example_batch(model: MetaPatchModel, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A deterministic batch of ``n`` valid samples: ids in range, right-aligned 0-padded
+    histories of varied length (some empty), labels 0/1 in both classes."""
+    cfg = model.base.config
+    rng = np.random.default_rng(seed)
+    L = cfg.max_len
+    item = rng.integers(1, cfg.n_items + 1, size=n, dtype=np.int64)
+    hist = rng.integers(1, cfg.n_items + 1, size=(n, L), dtype=np.int64)
+    lengths = rng.integers(0, L + 1, size=n)
+    for i, k in enumerate(lengths):
+        hist[i, : L - k] = 0  # right-aligned: the last k positions hold the history
+    profile = np.stack([rng.integers(0, v, size=n, dtype=np.int64) for v in cfg.profile_vocab], axis=1) \
+        if cfg.profile_vocab else np.zeros((n, 0), np.int64)
+    label = (np.arange(n) % 2).astype(np.float32)
+    rng.shuffle(label)
+    return {"item": item, "hist": hist, "profile": profile, "label": label}
+
+
+def cap_ir(path: str | os.PathLike) -> None:
+    """Rewrite a saved model's ``ir_version`` down to what ORT 1.19 reads."""
+    proto = onnx.load(os.fspath(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save(proto, os.fspath(path))
