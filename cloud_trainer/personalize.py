@@ -65,8 +65,9 @@ def per_owner_loss(model, batch: Batch, phi_table: torch.Tensor, n_owners: int) 
 
 
 def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, cfg: DeviceTrainConfig,
-                    chunk: int = 65536) -> tuple[torch.Tensor, dict]:
-    """Every device trains its own φ (rows of phi0, (U, m)) on its own samples; returns (φ table, info)."""
+                    chunk: int = 65536, on_step=None) -> tuple[torch.Tensor, dict]:
+    """Every device trains its own φ (rows of phi0, (U, m)) on its own samples; returns (φ table, info).
+    `on_step(step, phi)` (optional) sees the table after each step, e.g. to snapshot step budgets."""
     U = phi0.shape[0]
     phi = phi0.detach().clone().requires_grad_(True)
     opt = _adamw(phi, cfg)
@@ -77,7 +78,7 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
         p.requires_grad_(False)
     n = int(train["item"].shape[0])
     counts = torch.zeros(U).index_add(0, train["owner"], torch.ones(n)).clamp(min=1.0)
-    for _ in range(cfg.steps):
+    for step in range(1, cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
         # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
         for start in range(0, n, chunk):
@@ -85,6 +86,8 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
             per = per_owner_loss_sum(model, part, phi, counts)
             per.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step, phi.detach())
     info: dict = {}
     phi_out = phi.detach()
     if val is not None and cfg.keep_if_worse:

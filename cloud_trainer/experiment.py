@@ -1,0 +1,318 @@
+"""`dccl experiment`: every strategy on identical splits, negatives and seeds; tables, CIs, plots.
+
+Choices (the on-device step budget) are made on validation slices only, never on the future window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cloud_trainer.config import DATASETS, STRATEGIES, build_config
+from cloud_trainer.context import build_context
+from cloud_trainer.evaluate import paired_ci, per_user, score_eval_set, summarize
+from cloud_trainer.strategies import REGISTRY, FullPatch, start_phi, tune_device_steps
+from dccl.errors import DcclError
+
+KIND = {"stale": "cloud", "model-over-data": "cloud", "full-patch": "device", "metapatch": "device",
+        "dccl-start": "cloud", "dccl": "device", "momodistill": "cloud", "fedavg-patches": "cloud"}
+BASELINES = ("stale", "model-over-data")
+CI_METRICS = ("gauc", "ndcg@10", "hr@10")  # per-user metrics: paired over users
+TABLE_METRICS = ("auc", "gauc", "hr@10", "ndcg@10")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="dataset (default: synthetic, built in)")
+    p.add_argument("--data", default=None, help="dataset path (file or folder); default $DCCL_DATA or ../shared/datasets")
+    p.add_argument("--rounds", type=int, default=None, help="device-cloud rounds K (default 2)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3); mean ± std over seeds")
+    p.add_argument("--strategies", default=None, help=f"comma-separated subset of: {', '.join(STRATEGIES)}")
+    p.add_argument("--config", default=None, help="JSON config file (see cloud_trainer/config.py for every field)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set device.steps=10 (repeatable; VALUE is JSON)")
+    p.add_argument("--no-tune", action="store_true", help="keep the configured device step budget")
+    p.add_argument("--out", default="runs/experiment", help="output folder (results.json, results.md, plots)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DcclError(f"--set {item!r}: expected KEY=VALUE, e.g. device.steps=10")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(args) -> int:
+    overrides = {"dataset": args.dataset, "data_path": args.data, "rounds": args.rounds, "seeds": args.seeds}
+    if args.strategies:
+        overrides["strategies"] = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if args.no_tune:
+        overrides["tune"] = False
+    overrides.update(_parse_set(args.set))
+    cfg = build_config(overrides, args.config)
+    from cloud_trainer.data import load_dataset, make_synthetic
+
+    if cfg.dataset == "synthetic":
+        ds = make_synthetic(n_users=cfg.data.synthetic_users, n_items=cfg.data.synthetic_items, seed=12345)
+    else:
+        ds = load_dataset(cfg.dataset, cfg.data_path)
+    print(ds.summary(), file=sys.stderr)
+    out = Path(args.out)
+    results = run_experiment(cfg, ds, progress=not args.quiet)
+    write_outputs(results, out)
+    print(results["table_md"])
+    print(f"\nresults: {out / 'results.json'}  report: {out / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+def run_experiment(cfg, ds, progress: bool = True) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t_start = time.perf_counter()
+    keys = [k for name in cfg.strategies for k in REGISTRY[name].keys]
+    summ = {k: [[None] * cfg.rounds for _ in range(cfg.seeds)] for k in keys}
+    users = {k: [[None] * cfg.rounds for _ in range(cfg.seeds)] for k in keys}
+    tuning, timings = {}, []
+    bar = tqdm(total=cfg.seeds * len(cfg.strategies), desc="experiment", disable=not progress, file=sys.stderr)
+    for seed in range(cfg.seeds):
+        bar.set_postfix_str(f"seed {seed}: pretrain + meta-train")
+        ctx = build_context(ds, cfg, seed)
+        t_seed = {"seed": seed, **ctx.timings}
+        if seed == 0 and cfg.tune:
+            tuning = tune(ctx, cfg)
+        for name in cfg.strategies:
+            bar.set_postfix_str(f"seed {seed}: {name}")
+            t0 = time.perf_counter()
+            strategy = REGISTRY[name]()
+            strategy.setup(ctx)
+            for r in range(cfg.rounds):
+                ev = ctx.rounds[r].future
+
+                def report(key, scorer, _r=r, _ev=ev):
+                    scores = score_eval_set(_ev, scorer)
+                    summ[key][seed][_r] = summarize(_ev, scores)
+                    users[key][seed][_r] = per_user(_ev, scores)
+
+                strategy.run_round(ctx, r, report)
+            t_seed[name] = time.perf_counter() - t0
+            bar.update(1)
+        timings.append(t_seed)
+    bar.close()
+    results = aggregate(cfg, ds, summ, users)
+    results["tuning"] = tuning
+    results["timings"] = {"per_seed": timings, "total_seconds": time.perf_counter() - t_start}
+    results["table_md"] = table_markdown(results, cfg)
+    return results
+
+
+def tune(ctx, cfg) -> dict:
+    """Choose each device strategy's step budget on round 0's validation slices (seed 0)."""
+    val = ctx.rounds[0].val_eval
+
+    def evaluate_val(scorer) -> float:
+        return summarize(val, score_eval_set(val, scorer))["overall"]["gauc"]
+
+    out = {}
+    phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+    best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
+    cfg.device.steps = best
+    out["device.steps"] = {"chosen": best, "val_gauc": scores}
+    if "full-patch" in cfg.strategies:
+        fp = FullPatch()
+        fp.setup(ctx)
+        best, scores = tune_device_steps(ctx, fp.model, fp.phi, cfg.full_patch_device, cfg.tune_steps, evaluate_val)
+        cfg.full_patch_device.steps = best
+        out["full_patch_device.steps"] = {"chosen": best, "val_gauc": scores}
+    return out
+
+
+def _mean_std(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(a)), "std": float(np.nanstd(a)) if len(a) > 1 else 0.0}
+
+
+def _pool_diff(users, key, base, metric, r, subset=None) -> np.ndarray:
+    """Per-user differences key − base for round r, pooled over seeds (same users, same negatives)."""
+    diffs = []
+    for s in range(len(users[key])):
+        a, b = users[key][s][r], users[base][s][r]
+        assert np.array_equal(a["user"], b["user"])
+        mask = ~a["cold"] if subset is None else subset(a)
+        diffs.append(a[metric][mask] - b[metric][mask])
+    return np.concatenate(diffs)
+
+
+def aggregate(cfg, ds, summ, users) -> dict:
+    R = cfg.rounds
+    last = R - 1
+    out = {"config": cfg.to_dict(), "dataset": ds.summary(), "synthetic": bool(ds.synthetic), "strategies": {}}
+    for key in summ:
+        rounds = []
+        for r in range(R):
+            per = [summ[key][s][r] for s in range(cfg.seeds)]
+            entry = {
+                "overall": {m: _mean_std([p["overall"][m] for p in per]) for m in TABLE_METRICS},
+                "cold": {m: _mean_std([p["cold"][m] for p in per]) for m in TABLE_METRICS},
+                "groups": {g: {m: _mean_std([p["groups"][g][m] for p in per]) for m in TABLE_METRICS}
+                           for g in per[0]["groups"]},
+                "users": per[0]["overall"]["users"],
+                "cold_users": per[0]["cold"]["users"],
+            }
+            rounds.append(entry)
+        gains = {}
+        for base in BASELINES:
+            if base not in summ or base == key:
+                continue
+            gains[base] = {
+                "overall": {m: paired_ci(_pool_diff(users, key, base, m, last)) for m in CI_METRICS},
+                "groups": {str(g): {m: paired_ci(_pool_diff(users, key, base, m, last,
+                                                            lambda a, g=g: (~a["cold"]) & (a["group"] == g)))
+                                    for m in ("gauc", "ndcg@10")} for g in range(5)},
+                "cold": {m: paired_ci(_pool_diff(users, key, base, m, last, lambda a: a["cold"]))
+                         for m in ("gauc", "ndcg@10")},
+            }
+        out["strategies"][key] = {"kind": KIND[key], "rounds": rounds, "gain_vs": gains}
+    out["claims"] = claims(users, summ, last)
+    return out
+
+
+def _claim(text, comparison, stat) -> dict:
+    holds = bool(np.isfinite(stat["ci_low"]) and stat["ci_low"] > 0)
+    return {"claim": text, "comparison": comparison, "metric": "gauc", **stat, "holds": holds}
+
+
+def claims(users, summ, r) -> list[dict]:
+    from scipy import stats as sps
+
+    have = set(summ)
+    out = []
+    if {"dccl", "dccl-start"} <= have:
+        out.append(_claim("device models beat the cloud model they started from",
+                          "dccl (device) − dccl-start (its bundle's cloud model), warm users",
+                          paired_ci(_pool_diff(users, "dccl", "dccl-start", "gauc", r))))
+    if {"momodistill", "model-over-data"} <= have:
+        out.append(_claim("MoMoDistill beats model-over-data on the same data and epochs",
+                          "momodistill − model-over-data (cloud), warm users",
+                          paired_ci(_pool_diff(users, "momodistill", "model-over-data", "gauc", r))))
+    if {"metapatch", "full-patch"} <= have:
+        out.append(_claim("MetaPatch beats per-user full patches on the tail group",
+                          "metapatch − full-patch, tail quintile (group 0)",
+                          paired_ci(_pool_diff(users, "metapatch", "full-patch", "gauc", r,
+                                               lambda a: (~a["cold"]) & (a["group"] == 0)))))
+    if {"dccl", "stale"} <= have:
+        tail = _pool_diff(users, "dccl", "stale", "gauc", r, lambda a: (~a["cold"]) & (a["group"] == 0))
+        head = _pool_diff(users, "dccl", "stale", "gauc", r, lambda a: (~a["cold"]) & (a["group"] == 4))
+        tail, head = tail[np.isfinite(tail)], head[np.isfinite(head)]
+        if len(tail) > 1 and len(head) > 1:
+            res = sps.bootstrap((tail, head), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis), vectorized=True,
+                                n_resamples=2000, method="percentile", random_state=np.random.default_rng(0))
+            stat = {"mean": float(tail.mean() - head.mean()), "ci_low": float(res.confidence_interval.low),
+                    "ci_high": float(res.confidence_interval.high), "n": int(len(tail) + len(head))}
+        else:
+            stat = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+        c = _claim("the gain on the tail group is at least the gain on the head group",
+                   "(dccl − stale on tail) − (dccl − stale on head); holds if ≥ 0 with CI above zero", stat)
+        out.append(c)
+    if {"metapatch", "stale"} <= have:
+        out.append(_claim("the encoder's cold-start φ beats a zero φ",
+                          "metapatch (encoder φ) − stale (zero φ, same W_f), cold-start users",
+                          paired_ci(_pool_diff(users, "metapatch", "stale", "gauc", r, lambda a: a["cold"]))))
+    return out
+
+
+def _fmt(ms: dict) -> str:
+    return f"{ms['mean']:.4f} ± {ms['std']:.4f}"
+
+
+def _fmt_ci(c: dict) -> str:
+    return f"{c['mean']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+
+
+def table_markdown(results: dict, cfg) -> str:
+    r = cfg.rounds - 1
+    lines = [f"### {results['dataset']}", "",
+             f"Round {r + 1} of {cfg.rounds}, {cfg.seeds} seed(s), mean ± std over seeds; warm users unless noted.", "",
+             "| strategy | model | AUC | gAUC | HR@10 | NDCG@10 | tail gAUC | head gAUC | cold gAUC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, s in results["strategies"].items():
+        e = s["rounds"][r]
+        lines.append(f"| {key} | {s['kind']} | " + " | ".join(_fmt(e["overall"][m]) for m in TABLE_METRICS)
+                     + f" | {_fmt(e['groups']['0']['gauc'])} | {_fmt(e['groups']['4']['gauc'])} | {_fmt(e['cold']['gauc'])} |")
+    lines += ["", "Gain (gAUC, NDCG@10) with 95% paired bootstrap CI over users, pooled over seeds:", "",
+              "| strategy | vs stale gAUC | vs stale NDCG@10 | vs model-over-data gAUC | vs model-over-data NDCG@10 |",
+              "|---|---|---|---|---|"]
+    for key, s in results["strategies"].items():
+        cells = []
+        for base in BASELINES:
+            g = s["gain_vs"].get(base)
+            cells += [_fmt_ci(g["overall"]["gauc"]), _fmt_ci(g["overall"]["ndcg@10"])] if g else ["—", "—"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", "Claims of the paper (gAUC, last round):", "", "| claim | comparison | difference [95% CI] | held here? |",
+              "|---|---|---|---|"]
+    for c in results["claims"]:
+        lines.append(f"| {c['claim']} | {c['comparison']} | {_fmt_ci(c)} | {'yes' if c['holds'] else 'no'} |")
+    if results.get("synthetic"):
+        lines += ["", "_These numbers are on SYNTHETIC data._"]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "table_md"}, indent=2))
+    plots = make_plots(results, out)
+    md = results["table_md"] + "\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n"
+    (out / "results.md").write_text(md)
+
+
+def make_plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, s in results["strategies"].items():
+        ys = [e["overall"]["gauc"]["mean"] for e in s["rounds"]]
+        err = [e["overall"]["gauc"]["std"] for e in s["rounds"]]
+        ax.errorbar(range(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3, label=f"{key} ({s['kind']})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("gAUC (future window, warm users)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "gauc_per_round.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    keys = [k for k, s in results["strategies"].items() if "model-over-data" in s["gain_vs"]]
+    if keys:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            g = results["strategies"][key]["gain_vs"]["model-over-data"]["groups"]
+            means = [g[str(q)]["gauc"]["mean"] for q in range(5)]
+            lo = [g[str(q)]["gauc"]["mean"] - g[str(q)]["gauc"]["ci_low"] for q in range(5)]
+            hi = [g[str(q)]["gauc"]["ci_high"] - g[str(q)]["gauc"]["mean"] for q in range(5)]
+            ax.bar(np.arange(5) + i * width, means, width, yerr=[lo, hi], capsize=2, label=key)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(5) + 0.4 - width / 2, ["tail", "q2", "q3", "q4", "head"])
+        ax.set_ylabel("gAUC gain over model-over-data")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "gain_by_activity_group.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Fleet monitoring: ``dccl fleet status`` (one shot) and ``dccl fleet watch`` (live)."""

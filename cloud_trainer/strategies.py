@@ -1,0 +1,176 @@
+"""The cloud's update rules as strategy objects; the experiment is a loop over them.
+
+Every strategy starts from the same pretrained point of a seed (SeedContext) and, each round, reports
+the models it produces through `report(key, scorer)`, where it is evaluated at once on the round's
+future window. Keys are the rows of the results table:
+
+  stale            cloud  the round-0 cloud model, never updated
+  model-over-data  cloud  the fresh windows reach the cloud; it trains on them (CE), same epochs as step 1
+  full-patch       device per-user full patch fine-tuning (no meta decomposition) on the fresh window
+  metapatch        device MetaPatch: φ from the encoder, trained on-device; the cloud never changes
+  dccl-start       cloud  the bundle the DCCL devices start from this round
+  momodistill      cloud  MoMoDistill step 1 (model over models) after the round
+  dccl             device DCCL devices: MetaPatch on the bundle that MoMoDistill (steps 1 + 2) produced
+  fedavg-patches   cloud  the cloud model patched with the sample-weighted mean of all devices' φ
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from cloud_trainer.checkpoint import build_model
+from cloud_trainer.context import SeedContext
+from cloud_trainer.models.metapatch import MetaPatchConfig
+from cloud_trainer.momodistill import device_logits, step1, step2
+from cloud_trainer.patch_generator import encode_phi
+from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
+from cloud_trainer.train import fit_cloud, logits, make_batch
+
+Report = Callable[[str, Callable], None]
+
+
+def cloud_scorer(model, profile: np.ndarray):
+    def score(user, item, hist):
+        b = make_batch(user, item, hist, np.zeros(len(item), np.float32), profile)
+        return logits(model, b).numpy()
+    return score
+
+
+def device_scorer(model, profile: np.ndarray, phi_table: torch.Tensor):
+    def score(user, item, hist):
+        b = make_batch(user, item, hist, np.zeros(len(item), np.float32), profile)
+        return logits(model, b, phi_table).numpy()
+    return score
+
+
+class Strategy:
+    name = "strategy"
+    keys: tuple[str, ...] = ()
+
+    def setup(self, ctx: SeedContext) -> None:
+        self.model, self.encoder = ctx.fresh_copy()
+
+    def run_round(self, ctx: SeedContext, r: int, report: Report) -> None:
+        raise NotImplementedError
+
+
+class StaleCloud(Strategy):
+    name, keys = "stale", ("stale",)
+
+    def run_round(self, ctx, r, report):
+        report("stale", cloud_scorer(self.model, ctx.ds.profile))
+
+
+class ModelOverData(Strategy):
+    name, keys = "model-over-data", ("model-over-data",)
+
+    def run_round(self, ctx, r, report):
+        c = ctx.cfg.cloud
+        fit_cloud(self.model, ctx.rounds[r].fresh, list(self.model.cloud_parameters().values()),
+                  c.update_epochs, c.lr, c.batch_size, seed=ctx.seed * 100 + r)
+        report("model-over-data", cloud_scorer(self.model, ctx.ds.profile))
+
+
+class FullPatch(Strategy):
+    """Per-user full patch: the same patch layers, but each device trains all patch weights directly."""
+
+    name, keys = "full-patch", ("full-patch",)
+
+    def setup(self, ctx):
+        mp = MetaPatchConfig(**{**ctx.cfg.metapatch.to_dict(), "full": True})
+        base = ctx.model.base
+        self.model = build_model(base.config, mp, base.item_attrs)
+        state = {k: v for k, v in ctx.model.state_dict().items() if not k.endswith("shared_theta") and "metapatch_" not in k}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        assert not unexpected and all("metapatch_" in k for k in missing), (missing, unexpected)
+        self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
+
+    def run_round(self, ctx, r, report):
+        rd = ctx.rounds[r]
+        self.phi, _ = personalize_all(self.model, self.phi, rd.fresh_train, rd.val, ctx.cfg.full_patch_device)
+        report("full-patch", device_scorer(self.model, ctx.ds.profile, self.phi))
+
+
+def start_phi(encoder, ctx: SeedContext, r: int, phi_prev: torch.Tensor) -> torch.Tensor:
+    """Each device's starting φ for this round's bundle: g(profile, local history, previous φ)."""
+    return encode_phi(encoder, ctx.profile, ctx.rounds[r].seq, phi_prev)
+
+
+class MetaPatch(Strategy):
+    name, keys = "metapatch", ("metapatch",)
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
+
+    def run_round(self, ctx, r, report):
+        rd = ctx.rounds[r]
+        phi0 = start_phi(self.encoder, ctx, r, self.phi)
+        self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
+        report("metapatch", device_scorer(self.model, ctx.ds.profile, self.phi))
+
+
+class DCCL(Strategy):
+    """Devices personalise φ on the current bundle; the cloud runs MoMoDistill (step 1: W_f over the
+    pooled fresh data and the device models; step 2: Θ and g distilled from the device models)."""
+
+    name, keys = "dccl", ("dccl-start", "dccl", "momodistill")
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
+
+    def run_round(self, ctx, r, report):
+        rd = ctx.rounds[r]
+        report("dccl-start", cloud_scorer(self.model, ctx.ds.profile))
+        phi0 = start_phi(self.encoder, ctx, r, self.phi)
+        self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
+        report("dccl", device_scorer(self.model, ctx.ds.profile, self.phi))
+        # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data.
+        teacher = device_logits(self.model, rd.fresh, self.phi)
+        m = ctx.cfg.momodistill
+        step1(self.model, rd.fresh, teacher, m, seed=ctx.seed * 100 + r)
+        report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
+        step2(self.model, self.encoder, rd.fresh, teacher, self.phi, ctx.profile, rd.seq, m, seed=ctx.seed * 100 + r)
+
+
+class FedAvgPatches(Strategy):
+    """Federated baseline: devices train φ from the global φ̄; the cloud averages them (FedAvg)."""
+
+    name, keys = "fedavg-patches", ("fedavg-patches",)
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.phi_bar = torch.zeros(1, self.model.phi_dim)
+
+    def run_round(self, ctx, r, report):
+        rd = ctx.rounds[r]
+        phi0 = self.phi_bar.expand(ctx.n_users, -1).clone()
+        phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
+        w = rd.train_count.unsqueeze(1)
+        self.phi_bar = ((phi * w).sum(0, keepdim=True) / w.sum().clamp(min=1.0))
+        report("fedavg-patches", device_scorer(self.model, ctx.ds.profile, self.phi_bar.expand(ctx.n_users, -1)))
+
+
+REGISTRY: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (StaleCloud, ModelOverData, FullPatch, MetaPatch, DCCL, FedAvgPatches)
+}
+
+
+def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],
+                      evaluate_val) -> tuple[int, dict[int, float]]:
+    """Choose the on-device step budget on the validation slices (round 0): train once for the largest
+    budget, snapshot φ at each budget of the grid, score each on the validation positives. Never looks
+    at the future window."""
+    rd = ctx.rounds[0]
+    grid = sorted(set(steps_grid))
+    snaps = {0: phi0.clone()}
+    run_cfg = DeviceTrainConfig(**{**cfg.to_dict(), "steps": grid[-1], "keep_if_worse": False})
+    personalize_all(model, phi0, rd.fresh_train, None, run_cfg,
+                    on_step=lambda step, phi: snaps.__setitem__(step, phi.clone()) if step in grid else None)
+    scores = {s: evaluate_val(device_scorer(model, ctx.ds.profile, snaps[s])) for s in grid}
+    best = max(scores, key=lambda s: (scores[s], -s))
+    return best, scores
