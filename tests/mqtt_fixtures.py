@@ -136,3 +136,35 @@ def spawn_python(code: str, *, edge: bool = False, env: dict | None = None) -> s
     exe = str(REPO / ".venv-edge/bin/python") if edge and (REPO / ".venv-edge/bin/python").exists() else sys.executable
     e = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     return subprocess.Popen([exe, "-c", code], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+DEVICE_SCRIPT = """
+import sys, time
+from edge_agent.mqtt_client import EdgeMqttClient
+from edge_agent.heartbeat import HeartbeatPublisher, TrainingStatus
+device_id, broker, prefix, outbox, keepalive = sys.argv[1:6]
+c = EdgeMqttClient(device_id, broker, outbox, prefix=prefix, keepalive=int(keepalive), backoff=(0.2, 1.0)).start()
+st = TrainingStatus(bundle_version="v1", round=2, last_loss=0.25, last_train_ts=time.time(), last_sample_count=40)
+hb = HeartbeatPublisher(c, st, interval=0.5).start()
+c.connected.wait(10)
+print("connected", flush=True)
+try:
+    while True:
+        time.sleep(0.2)
+except KeyboardInterrupt:
+    pass
+"""
+
+
+def spawn_device(device_id: str, broker_url: str, prefix: str, outbox: Path, keepalive: int = 2) -> subprocess.Popen:
+    """A device agent in its own OS process, in the edge venv (no torch) when it exists."""
+    exe = REPO / ".venv-edge/bin/python"
+    exe = str(exe) if exe.exists() else sys.executable
+    p = subprocess.Popen([exe, "-c", DEVICE_SCRIPT, device_id, broker_url, prefix, str(outbox), str(keepalive)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if line.strip() != "connected":
+        p.kill()
+        raise RuntimeError(f"device {device_id} did not connect: {line!r} {p.stderr.read()[-2000:]}")
+    return p
