@@ -1,0 +1,194 @@
+"""Parity: the PyTorch reference, the ORT training API and the portable graph train φ alike.
+
+Same data, same φ0, N steps on the ML-100K-sized model: φ agrees to max-abs 1e-4, gradients to
+1e-5, the exported inference model's scores to 1e-5 — checked for both edge flavours in their own
+environments (.venv-edge: plain onnxruntime; .venv-edge-ort: the training build), each a real
+subprocess in which ``import torch`` fails. Then the trainer's contract (budgets, early stopping,
+keeping the previous φ, bad input), for both backends.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cloud_trainer.personalize import train_phi
+from onnx_export.schema import example_batch
+from onnx_fixtures import DEVICE_CFG, shared_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "edge_scripts" / "run_edge.py"
+N_STEPS = 8
+BATCH = 32
+PHI_TOL, GRAD_TOL, LOGIT_TOL = 1e-4, 1e-5, 1e-5
+KEYS = ("item", "hist", "profile", "label")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return shared_bundle()
+
+
+@pytest.fixture(scope="module")
+def case(bundle):
+    """The job every backend runs, and what PyTorch computes for it."""
+    model, _ = bundle
+    rng = np.random.default_rng(7)
+    phi0 = (rng.standard_normal((1, model.phi_dim)) * 0.3).astype(np.float32)
+    batches = [example_batch(model, BATCH, seed=100 + i) for i in range(N_STEPS)]
+    score = example_batch(model, 50, seed=200)
+    tb = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+    p = torch.from_numpy(phi0).requires_grad_(True)
+    loss = F.binary_cross_entropy_with_logits(model(tb[0]["item"], tb[0]["hist"], tb[0]["profile"], phi=p), tb[0]["label"])
+    (grad0,) = torch.autograd.grad(loss, [p])
+    phi_ref, losses = train_phi(model, torch.from_numpy(phi0), tb, DEVICE_CFG)
+    with torch.no_grad():
+        scores = model(*(torch.from_numpy(score[k]) for k in ("item", "hist", "profile")), phi=torch.from_numpy(phi0))
+    job = {"phi0": phi0, "n_batches": np.array(N_STEPS),
+           "score_item": score["item"], "score_hist": score["hist"], "score_profile": score["profile"]}
+    for i, b in enumerate(batches):
+        job.update({f"b{i}_{k}": b[k] for k in KEYS})
+    ref = {"phi": phi_ref.numpy(), "losses": np.asarray(losses), "grad0": grad0.numpy(), "scores": scores.numpy()}
+    # φ must actually move, or the comparison proves nothing.
+    assert np.abs(ref["phi"] - phi0).max() > 0.05
+    assert np.abs(ref["grad0"]).max() > 1e-3
+    return job, ref
+
+
+ENVS = [
+    (".venv-edge", "portable"),
+    (".venv-edge", "auto"),
+    (".venv-edge-ort", "ort-training"),
+    (".venv-edge-ort", "portable"),
+]
+
+
+@pytest.mark.parametrize("venv,backend", ENVS, ids=[f"{v[6:]}-{b}" for v, b in ENVS])
+def test_edge_flavour_matches_pytorch(bundle, case, venv, backend, tmp_path):
+    python = ROOT / venv / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"{venv} not created")
+    _, bundle_dir = bundle
+    job, ref = case
+    np.savez(tmp_path / "job.npz", **job)
+    proc = subprocess.run([str(python), str(SCRIPT), str(bundle_dir), backend, str(tmp_path / "job.npz"),
+                           str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    expected_backend = {"auto": "portable" if venv == ".venv-edge" else "ort-training"}.get(backend, backend)
+    assert str(out["backend"]) == expected_backend
+    assert not bool(out["torch_loaded"])
+    assert np.abs(out["grad0"] - ref["grad0"]).max() <= GRAD_TOL
+    assert np.abs(out["phi"] - ref["phi"]).max() <= PHI_TOL
+    assert np.abs(out["losses"] - ref["losses"]).max() <= PHI_TOL
+    assert np.abs(out["scores"] - ref["scores"]).max() <= LOGIT_TOL
+    assert out["self_check"].max() <= GRAD_TOL  # the manifest's reference, re-run on this runtime
+
+
+def test_torch_is_really_blocked_in_the_edge_script(tmp_path):
+    """The blocker in run_edge.py makes `import torch` fail (so a torch import would not go unnoticed)."""
+    python = ROOT / ".venv-edge" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(".venv-edge not created")
+    code = ("import runpy, sys; sys.argv=['x']; g = runpy.run_path(%r, run_name='blocker');\n"
+            "try:\n import torch\nexcept ImportError as e:\n print('blocked', e)\n") % str(SCRIPT)
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "blocked" in proc.stdout, proc.stderr[-2000:]
+
+
+# -- the trainer's contract, for both backends (run here: the cloud env has the training build) -----
+
+BACKENDS = ["ort-training", "portable"]
+
+
+@pytest.fixture(scope="module")
+def local_data(bundle):
+    model, _ = bundle
+    return example_batch(model, 96, seed=300), example_batch(model, 24, seed=301)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_budgets(bundle, local_data, backend):
+    from edge_agent.trainer import Trainer
+
+    trainer = Trainer(bundle[1], backend, threads=1)
+    train, _ = local_data
+    phi0 = np.zeros((1, 32), np.float32)
+    assert trainer.train(phi0, train, steps=3).steps == 3
+    r = trainer.train(phi0, train, epochs=2, batch_size=32)
+    assert (r.steps, r.stopped) == (6, "epochs")
+    r = trainer.train(phi0, train, seconds=0.0)
+    assert (r.steps, r.stopped) == (0, "seconds")
+    np.testing.assert_array_equal(r.phi, phi0)
+    assert trainer.train(phi0, train).steps == DEVICE_CFG.steps  # the manifest's default budget
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_early_stopping_keeps_best_and_previous(bundle, local_data, backend):
+    from edge_agent.trainer import Trainer
+
+    trainer = Trainer(bundle[1], backend, threads=1)
+    train, val = local_data
+    phi0 = np.zeros((1, 32), np.float32)
+    r = trainer.train(phi0, train, epochs=50, batch_size=32, val=val, patience=2)
+    assert r.val_loss_before is not None and r.val_loss_after <= r.val_loss_before
+    assert math.isclose(r.val_loss_after, trainer.scorer.loss(r.phi, val), rel_tol=1e-6)
+    assert r.stopped in ("early_stop", "epochs")
+    # Training on labels opposite to the validation slice's can only make it worse: φ0 is kept.
+    flipped = dict(val, label=1.0 - val["label"])
+    r = trainer.train(phi0, flipped, steps=10, val=val)
+    assert r.kept_previous and np.array_equal(r.phi, phi0)
+    assert r.val_loss_after == r.val_loss_before
+    assert r.trained_phi is None or not np.array_equal(r.trained_phi, phi0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_a_clear_error(bundle, local_data, backend):
+    from edge_agent.trainer import Trainer, TrainerError
+
+    trainer = Trainer(bundle[1], backend, threads=1)
+    train, _ = local_data
+    ok = np.zeros((1, 32), np.float32)
+    with pytest.raises(TrainerError, match="phi0: contains NaN"):
+        trainer.train(np.full((1, 32), np.nan, np.float32), train, steps=1)
+    with pytest.raises(TrainerError, match="phi0: 16 values"):
+        trainer.train(np.zeros(16, np.float32), train, steps=1)
+    with pytest.raises(TrainerError, match="no local training samples"):
+        trainer.train(ok, {k: v[:0] for k, v in train.items()}, steps=1)
+    with pytest.raises(TrainerError, match=r"data.hist: shape \[96, 19\]"):
+        trainer.train(ok, dict(train, hist=train["hist"][:, 1:]), steps=1)
+    with pytest.raises(TrainerError, match=r"data.item: ids must be in 0..1682"):
+        trainer.train(ok, dict(train, item=train["item"] + 5000), steps=1)
+    with pytest.raises(TrainerError, match=r"data.profile\[:, 1\]: values must be in 0..2"):
+        bad = train["profile"].copy()
+        bad[0, 1] = 3
+        trainer.train(ok, dict(train, profile=bad), steps=1)
+    with pytest.raises(TrainerError, match="backend 'gpu'"):
+        Trainer(bundle[1], "gpu")
+
+
+def test_loss_stays_finite_for_huge_logits(bundle):
+    """The custom loss: logits of ±40 (where the built-in BCEWithLogits turns NaN) train fine."""
+    from edge_agent.trainer import Trainer
+
+    model, bundle_dir = bundle
+    trainer = Trainer(bundle_dir, "ort-training", threads=1)
+    batch = example_batch(model, 32, seed=400)
+    # Find a φ that makes the logits huge, then train from there.
+    phi = np.zeros((1, 32), np.float32)
+    for scale in (10, 30, 100, 300, 1000):
+        phi = np.ones((1, 32), np.float32) * scale
+        if np.abs(trainer.scorer.score(phi, batch["item"], batch["hist"], batch["profile"])).min() > 17:
+            break
+    else:
+        pytest.skip("could not drive the logits above 17 with this Θ")
+    for backend in BACKENDS:
+        r = Trainer(bundle_dir, backend, threads=1).train(phi, batch, steps=3)
+        assert all(math.isfinite(x) for x in r.losses) and np.all(np.isfinite(r.phi)), backend
