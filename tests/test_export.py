@@ -1,0 +1,215 @@
+"""The device bundle: layout, manifest, artifact properties, tamper detection, contract check, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cloud_trainer.checkpoint import save_checkpoint
+from dccl.cli import main as dccl_main
+from dccl.protocol import manifest as mf
+from onnx_export import artifacts
+from onnx_export.bundle import ContractError, check_bundle
+from onnx_export.schema import example_batch
+from onnx_fixtures import DEVICE_CFG, ml100k_model, shared_bundle
+
+FILES = {"manifest.json", "inference.onnx", "train_step.onnx", "encoder.onnx", "training_model.onnx",
+         "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return shared_bundle()
+
+
+def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle_dir, dst)
+    return dst
+
+
+def _rewrite_manifest(d: Path, edit) -> None:
+    m = json.loads((d / mf.FILE).read_text())
+    edit(m)
+    (d / mf.FILE).write_text(json.dumps(m))
+
+
+def test_layout_and_manifest(bundle):
+    model, d = bundle
+    assert {p.name for p in d.iterdir()} == FILES
+    m = mf.load(d, verify=True)
+    assert set(m["files"]) == FILES - {"manifest.json"}
+    assert m["bundle_version"] == "test-1"
+    assert m["trainable"] == {"metapatch_phi": {"shape": [1, 32], "dtype": "float32"}}
+    assert m["inputs"]["item"] == {"dtype": "int64", "shape": ["batch"], "vocab": 1683}
+    assert m["inputs"]["hist"]["shape"] == ["batch", 20]
+    assert m["inputs"]["profile"] == {"dtype": "int64", "shape": ["batch", 3], "vocab": [8, 3, 22]}
+    assert m["schema"] == {"n_items": 1682, "n_attrs": 20, "max_len": 20, "profile_vocab": [8, 3, 22], "phi_dim": 32}
+    opt = m["optimizer"]
+    assert (opt["lr"], opt["weight_decay"], opt["steps"], opt["eps"]) == (0.05, 0.01, 20, 1e-8)
+    assert {"torch", "onnx", "onnxruntime-training-cpu", "numpy", "python"} <= set(m["versions"])
+    ref = m["reference"]
+    assert ref["steps"] >= 1 and np.abs(np.subtract(ref["phi_after"], ref["phi0"])).max() > 0
+    assert m["source"]["encoder_trained"] is False
+
+
+def test_artifacts_properties(bundle):
+    model, d = bundle
+    state_names = set(model.state_dict())
+    for name in FILES - {"manifest.json", "checkpoint"}:
+        assert onnx.load(str(d / name)).ir_version <= 10, name  # ORT 1.19 reads IR <= 10
+    training = onnx.load(str(d / "training_model.onnx")).graph
+    # Parameters keep their state_dict names; the only gradient is φ's.
+    assert {i.name for i in training.input} >= {"metapatch_phi", "base.mlp.0.shared_theta", "base.item_emb.weight"}
+    assert {i.name for i in training.input if i.name in state_names} <= state_names
+    assert [o.name for o in training.output if "_grad" in o.name] == ["metapatch_phi_grad.accumulation.out"]
+    step = onnx.load(str(d / "train_step.onnx"))
+    assert {o.domain for o in step.opset_import} == {""} and step.opset_import[0].version == 18
+    assert {n.domain for n in step.graph.node} == {""}  # standard operators only: plain onnxruntime runs it
+
+
+def test_portable_graph_keeps_eps_and_dynamic_batch(bundle):
+    """eps is an input the exporter cannot fold away (NOTES.md: optimize=True drops eps=1e-8); any
+    batch size runs."""
+    import onnxruntime as ort
+
+    model, d = bundle
+    sess = ort.InferenceSession(str(d / "train_step.onnx"), providers=["CPUExecutionProvider"])
+    f = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    phi = np.zeros((1, 32), np.float32)
+    for n in (1, 7, 300):
+        b = example_batch(model, n, seed=n)
+        feeds = dict(phi=phi, m=phi, v=phi, step=np.asarray(0, np.int64), lr=f(0.05), beta1=f(0.9),
+                     beta2=f(0.999), eps=f(1e-8), weight_decay=f(0.0), **b)
+        out = sess.run(None, feeds)
+        assert out[0].shape == (1, 32) and np.isfinite(out[4])
+        big_eps = sess.run(None, dict(feeds, eps=f(1.0)))
+        assert np.abs(out[0] - big_eps[0]).max() > 1e-3
+
+
+def test_encoder_matches_pytorch():
+    """A trained-looking encoder (non-zero output layer) exported and run equals PyTorch."""
+    import onnxruntime as ort
+
+    from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
+    from onnx_export import encoder as enc_export
+
+    torch.manual_seed(3)
+    enc = PatchEncoder(EncoderConfig(n_items=1682, phi_dim=32, profile_vocab=[8, 3, 22]))
+    with torch.no_grad():
+        enc.mlp[2].weight.normal_(0, 0.1)
+    model = ml100k_model()
+    b = example_batch(model, 9, seed=5)
+    phi_prev = np.random.default_rng(0).standard_normal((9, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = enc(torch.from_numpy(b["profile"]), torch.from_numpy(b["hist"]), torch.from_numpy(phi_prev)).numpy()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        enc_export.export(enc, 20, Path(tmp) / "e.onnx")
+        got = ort.InferenceSession(str(Path(tmp) / "e.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, {"profile": b["profile"], "hist": b["hist"], "phi_prev": phi_prev})[0]
+    assert np.abs(got - want).max() <= 1e-5
+
+
+# -- bad bundles: each a clear error naming what is wrong ---------------------------------------
+
+def test_tampered_file_is_caught(bundle, tmp_path):
+    d = _copy(bundle[1], tmp_path)
+    raw = bytearray((d / "train_step.onnx").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (d / "train_step.onnx").write_bytes(bytes(raw))
+    with pytest.raises(mf.ManifestError, match=r"files\['train_step.onnx'\]: sha256 .* tampered"):
+        mf.load(d)
+
+
+def test_truncated_missing_and_unknown_version(bundle, tmp_path):
+    d = _copy(bundle[1], tmp_path)
+    data = (d / "checkpoint").read_bytes()
+    (d / "checkpoint").write_bytes(data[: len(data) // 2])
+    with pytest.raises(mf.ManifestError, match=r"files\['checkpoint'\]: size .*truncated"):
+        mf.load(d)
+    (d / "checkpoint").unlink()
+    with pytest.raises(mf.ManifestError, match=r"files\['checkpoint'\]: missing"):
+        mf.load(d)
+    _rewrite_manifest(d, lambda m: m.update(manifest_version=99))
+    with pytest.raises(mf.ManifestError, match="manifest_version: 99 is not a version"):
+        mf.load(d, verify=False)
+    _rewrite_manifest(d, lambda m: m.update(manifest_version=1, files={**m["files"], "../x": m["files"]["checkpoint"]}))
+    with pytest.raises(mf.ManifestError, match=r"files\['../x'\]: .* not a safe relative file name"):
+        mf.load(d, verify=False)
+    (d / mf.FILE).write_text("{not json")
+    with pytest.raises(mf.ManifestError, match="manifest.json: not valid JSON"):
+        mf.load(d)
+
+
+def test_manifest_field_errors_name_the_field(bundle):
+    m = mf.load(bundle[1], verify=False)
+    bad = json.loads(json.dumps(m))
+    bad["trainable"]["metapatch_phi"]["dtype"] = "float16"
+    with pytest.raises(mf.ManifestError, match=r"trainable\['metapatch_phi'\].dtype: 'float16'"):
+        mf.validate(bad)
+    bad = json.loads(json.dumps(m))
+    del bad["optimizer"]["lr"]
+    with pytest.raises(mf.ManifestError, match="optimizer.lr: missing"):
+        mf.validate(bad)
+    bad = json.loads(json.dumps(m))
+    bad["inputs"]["hist"]["shape"] = ["batch", -1]
+    with pytest.raises(mf.ManifestError, match="inputs.hist.shape"):
+        mf.validate(bad)
+
+
+def test_contract_check_names_the_parameter(bundle, tmp_path):
+    model, src = bundle
+    # The manifest promises another shape for φ.
+    d = _copy(src, tmp_path / "a")
+    _rewrite_manifest(d, lambda m: m["trainable"]["metapatch_phi"].update(shape=[1, 16]))
+    with pytest.raises(ContractError, match=r"'metapatch_phi' has shape \[1, 32\] in checkpoint, manifest says \[1, 16\]"):
+        check_bundle(d)
+    # The manifest names a parameter the artifacts do not train.
+    d = _copy(src, tmp_path / "b")
+    _rewrite_manifest(d, lambda m: m.update(trainable={"metapatch_psi": m["trainable"]["metapatch_phi"]}))
+    with pytest.raises(ContractError, match="trainable parameter 'metapatch_psi' is not trainable"):
+        check_bundle(d)
+    # The artifacts train more than φ.
+    d = _copy(src, tmp_path / "c")
+    artifacts.generate(model, d, DEVICE_CFG, requires_grad=["metapatch_phi", "base.mlp.0.shared_theta"])
+    names = list(artifacts.TRAINING_FILES)
+    _rewrite_manifest(d, lambda m: m["files"].update(mf.file_entries(d, names)))
+    with pytest.raises(ContractError, match="parameter 'base.mlp.0.shared_theta' is trainable in checkpoint but not in the manifest"):
+        check_bundle(d)
+
+
+def test_self_check_catches_a_wrong_reference(bundle, tmp_path):
+    d = _copy(bundle[1], tmp_path)
+    _rewrite_manifest(d, lambda m: m["reference"].update(phi_after=(np.asarray(m["reference"]["phi_after"]) + 1e-3).tolist()))
+    with pytest.raises(ContractError, match=r"self-check \(ort-training\): phi differs from the reference"):
+        check_bundle(d)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_export(tmp_path, capsys):
+    model = ml100k_model(seed=1)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", model, None, step=42, round=2)
+    out = tmp_path / "bundle"
+    assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--lr", "0.02"]) == 0
+    m = mf.load(out)
+    assert m["bundle_version"].startswith("r2-s42-") and m["optimizer"]["lr"] == 0.02
+    assert m["source"]["step"] == 42 and len(m["source"]["checkpoint_sha256"]) == 64
+    assert "contract check passed" in capsys.readouterr().out
+    # Refuses to overwrite, one clear line, exit 2.
+    assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not empty" in err[0]
+    assert dccl_main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b2")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b3"), "--lr", "-1"]) == 2
+    assert "device.lr" in capsys.readouterr().err
+    assert not (tmp_path / "b3").exists()
