@@ -276,15 +276,15 @@ def config_from_dict(data: Any, base_dir: str | Path = ".", env: dict[str, str] 
             kwargs[f.name] = cls(**sec)
         else:
             kwargs[f.name] = v
-    if chk.errors and "device_id" not in kwargs:
-        raise ConfigError(chk.errors, source)
+    has_id = "device_id" in kwargs
     kwargs.setdefault("device_id", "")
     cfg = AgentConfig(**kwargs)
 
-    try:
-        check_id(cfg.device_id)
-    except ValueError as exc:
-        chk.err("device_id", cfg.device_id, str(exc))
+    if has_id:
+        try:
+            check_id(cfg.device_id)
+        except ValueError as exc:
+            chk.err("device_id", cfg.device_id, str(exc))
     base = Path(base_dir)
     for key in ("state_dir", "bundle_dir"):
         v = getattr(cfg, key)

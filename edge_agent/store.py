@@ -78,6 +78,7 @@ class Event:
     kind: str
     item: int
     ts: float
+    ts_given: bool = True     # False: ts is the arrival time; a resend then matches on kind + item
 
 
 @dataclass
@@ -115,7 +116,7 @@ class TrainingArrays:
 def validate_event(e: Any, now: float | None = None, n_items: int | None = None) -> Event:
     """One event from JSON-ish input; raises ValueError with a reason naming the field."""
     if isinstance(e, Event):
-        e = e.__dict__
+        e = {"event_id": e.event_id, "kind": e.kind, "item": e.item, "ts": e.ts}
     if not isinstance(e, Mapping):
         raise ValueError(f"event must be a JSON object, got {type(e).__name__}")
     unknown = set(e) - {"event_id", "kind", "item", "ts"}
@@ -138,7 +139,7 @@ def validate_event(e: Any, now: float | None = None, n_items: int | None = None)
         raise ValueError(f"ts = {ts!r}: must be a finite number of seconds since the epoch")
     if ts > now + FUTURE_SLACK_S:
         raise ValueError(f"ts = {ts!r}: more than a day in the future (device clock wrong?)")
-    return Event(eid, kind, int(item), float(ts))
+    return Event(eid, kind, int(item), float(ts), "ts" in e)
 
 
 class Store:
@@ -197,7 +198,7 @@ class Store:
                         continue
                     old = self._db.execute("SELECT kind, item, ts FROM events WHERE event_id = ?",
                                            (ev.event_id,)).fetchone()
-                    if old == (ev.kind, ev.item, ev.ts):
+                    if old == (ev.kind, ev.item, ev.ts) or (not ev.ts_given and old[:2] == (ev.kind, ev.item)):
                         res.duplicates += 1
                     else:
                         res.rejected.append((i, f"event_id = {ev.event_id!r}: already stored with "

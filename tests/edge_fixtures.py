@@ -56,32 +56,58 @@ def run_edge_cli(*args: str, env: dict[str, str] | None = None, timeout: float =
                           timeout=timeout, env={**os.environ, **(env or {})}, input=stdin, cwd=REPO)
 
 
-def _export_help_ok() -> bool:
-    dccl = CLOUD_BIN / "dccl"
-    if not dccl.exists():
-        return False
-    r = subprocess.run([str(dccl), "export", "--help"], capture_output=True, text=True, timeout=300)
-    return r.returncode == 0
+# A tiny cloud checkpoint (60 items, profile [4, 3], L = 6, φ of 8) with an encoder, made by the
+# cloud environment; Θ is scaled up so that φ moves the logits (an untrained Θ leaves φ inert).
+_MAKE_CHECKPOINT = """
+import sys, numpy as np, torch
+from cloud_trainer.checkpoint import build_model, save_checkpoint
+from cloud_trainer.models.din import DINConfig
+from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
+from cloud_trainer.models.metapatch import MetaPatchConfig
+torch.manual_seed(0)
+n_items, vocab = 60, [4, 3]
+attrs = torch.from_numpy(np.random.default_rng(0).integers(0, 5, (n_items + 1, 2)))
+attrs[0] = 0
+model = build_model(DINConfig(n_items=n_items, n_attrs=5, profile_vocab=vocab, max_len=6, emb_dim=8,
+                              profile_dim=4, attn_hidden=8, mlp_hidden=(16, 8)),
+                    MetaPatchConfig(phi_dim=8, bottleneck=2), attrs)
+with torch.no_grad():
+    for p in model.shared_parameters().values():
+        p.normal_(0.0, 0.3)
+enc = PatchEncoder(EncoderConfig(n_items=n_items, phi_dim=8, profile_vocab=vocab, emb_dim=4, profile_dim=2, hidden=8))
+save_checkpoint(sys.argv[1], model, enc, step=1, round=0)
+# Work around save_checkpoint storing torch.__version__ (a TorchVersion) that its own
+# weights_only load refuses: store the versions as plain strings.
+payload = torch.load(sys.argv[1], weights_only=False)
+payload["versions"] = {k: str(v) for k, v in payload["versions"].items()}
+torch.save(payload, sys.argv[1])
+"""
 
 
 def build_bundle(out: Path) -> Path:
     """A tiny real bundle made by the cloud environment's ``dccl export``; skips if unavailable.
 
-    Cached per pytest session in ``$DCCL_TEST_BUNDLE_CACHE`` (or a temp folder) because an
-    export costs seconds of CPU shared with other engineers.
+    Built once into ``$DCCL_TEST_BUNDLE_CACHE`` (default /tmp/dccl-edge-test-bundle-<uid>) and
+    copied, because an export costs seconds of CPU shared with other engineers.
     """
-    cache = Path(os.environ.get("DCCL_TEST_BUNDLE_CACHE", "/tmp/dccl-edge-test-bundle"))
-    if (cache / "manifest.json").exists():
-        shutil.copytree(cache, out, dirs_exist_ok=True)
-        return out
-    if not _export_help_ok():
-        pytest.skip("needs a bundle from `.venv/bin/dccl export` (onnx_export not available yet)")
-    ckpt_dir = cache.parent / (cache.name + "-ckpt")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([str(CLOUD_BIN / "python"), str(REPO / "tests" / "edge_make_tiny_bundle.py"),
-                        str(ckpt_dir), str(cache)], capture_output=True, text=True, timeout=600, cwd=REPO)
-    if r.returncode != 0 or not (cache / "manifest.json").exists():
-        pytest.skip(f"could not build a test bundle: {r.stderr.strip().splitlines()[-1:]}")
+    cache = Path(os.environ.get("DCCL_TEST_BUNDLE_CACHE", f"/tmp/dccl-edge-test-bundle-{os.getuid()}"))
+    if not (cache / "manifest.json").exists():
+        py, dccl = CLOUD_BIN / "python", CLOUD_BIN / "dccl"
+        if not (py.exists() and dccl.exists()):
+            pytest.skip("needs the cloud environment (.venv) to export a test bundle")
+        ckpt = cache.with_name(cache.name + ".pt")
+        r = subprocess.run([str(py), "-c", _MAKE_CHECKPOINT, str(ckpt)], capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+        if r.returncode != 0:
+            pytest.skip(f"could not make a test checkpoint: {r.stderr.strip()[-500:]}")
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        r = subprocess.run([str(dccl), "export", "--checkpoint", str(ckpt), "--out", str(tmp), "--force",
+                            "--version", "edge-test-1", "--steps", "10", "--lr", "0.05"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO)
+        if r.returncode != 0:
+            pytest.skip(f"`dccl export` failed: {r.stderr.strip()[-500:]}")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
     shutil.copytree(cache, out, dirs_exist_ok=True)
     return out
 

@@ -38,6 +38,13 @@ def test_ingest_is_idempotent_on_event_id(store):
     assert store.counts()["total"] == 4
 
 
+def test_resend_without_ts_is_a_duplicate(store):
+    ev = {"event_id": "no-ts", "kind": "click", "item": 3}
+    assert store.ingest([ev], now=NOW).added == 1
+    assert store.ingest([ev], now=NOW + 5).duplicates == 1
+    assert store.events()[0].ts == NOW
+
+
 def test_conflicting_event_id_is_rejected_not_overwritten(store):
     store.ingest([{"event_id": "x", "kind": "click", "item": 3, "ts": 10.0}], now=NOW)
     r = store.ingest([{"event_id": "x", "kind": "click", "item": 4, "ts": 10.0}], now=NOW)

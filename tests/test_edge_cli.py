@@ -1,0 +1,285 @@
+"""``dccl edge ...`` as a user runs it (subprocesses in the edge environment), and the config.
+
+Tests marked by ``build_bundle`` use a tiny real bundle exported by ``.venv/bin/dccl export``
+(built once, cached) and skip cleanly where the cloud environment is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from dccl.errors import DcclError
+from edge_agent.config import ConfigError, config_from_dict, load_config
+from edge_agent.state import StateStore
+from tests.edge_fixtures import REPO, build_bundle, edge_python, run_edge_cli, write_config
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_relative_paths(tmp_path):
+    cfg = load_config(write_config(tmp_path))
+    assert cfg.device_id == "dev-1" and cfg.state_dir == tmp_path / "state"
+    assert cfg.http.bind == "127.0.0.1" and cfg.train.max_steps == 20 and cfg.train.neg == 4
+    assert cfg.store_path == tmp_path / "state" / "store.sqlite"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"max_steps": -3}}, "train.max_steps = -3: must be >= 1"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps = 2.5: must be an integer"),
+    ({"train": {"max_steps": True}}, "train.max_steps = true: must be an integer"),
+    ({"train": {"val_frac": 1.0}}, "train.val_frac = 1.0: must be < 1"),
+    ({"train": {"backend": "gpu"}}, 'train.backend = "gpu": must be one of auto, portable, ort-training'),
+    ({"train": {"max_stepz": 3}}, "train.max_stepz = 3: unknown key"),
+    ({"retention": {"max_rows": 0}}, "retention.max_rows = 0: must be >= 1"),
+    ({"http": {"port": 70000}}, "http.port = 70000: must be <= 65535"),
+    ({"http": {"bind": "0.0.0.0"}}, 'http.bind = "0.0.0.0": not a loopback address'),
+    ({"mqtt": {"prefix": "a/#"}}, 'mqtt.prefix = "a/#"'),
+    ({"mqtt": {"broker": "http://x"}}, 'mqtt.broker = "http://x": expected mqtt://'),
+    ({"mqtt": {"hmac_key": "abcd"}}, "mqtt.hmac_key = <secret>: too short: 2 bytes"),
+    ({"device_id": "a/b"}, 'device_id = "a/b": invalid device id'),
+    ({"train": []}, "train = []: must be a JSON object"),
+    ({"max_len": 0}, "max_len = 0: must be >= 1"),
+])
+def test_config_errors_name_key_and_value(data, message):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"device_id": "dev-1", **data}, env={})
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_config_reports_every_error_at_once():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"train": {"neg": -1, "seed": "x"}}, env={})
+    assert len(exc.value.errors) == 3 and "device_id: missing" in str(exc.value)
+
+
+def test_config_env_substitution_and_secret_masking():
+    key = "ab" * 16
+    cfg = config_from_dict({"device_id": "{DEV}", "mqtt": {"hmac_key": "{KEY}",
+                                                          "broker": "mqtt://u:{PW}@host:1883"}},
+                           env={"DEV": "pi-7", "KEY": key, "PW": "s3cret"})
+    assert cfg.device_id == "pi-7" and cfg.hmac_key_bytes == bytes.fromhex(key)
+    shown = json.dumps(cfg.redacted())
+    assert key not in shown and "s3cret" not in shown
+    with pytest.raises(ConfigError, match="mqtt.hmac_key = .*environment variable KEY is not set"):
+        config_from_dict({"device_id": "d", "mqtt": {"hmac_key": "{KEY}"}}, env={})
+
+
+def test_remote_bind_needs_opt_in():
+    cfg = config_from_dict({"device_id": "d", "http": {"bind": "0.0.0.0", "allow_remote": True}}, env={})
+    assert cfg.http.bind == "0.0.0.0"
+
+
+def test_config_file_errors(tmp_path):
+    (tmp_path / "bad.json").write_text('{"device_id": "d",\n "train": {')
+    with pytest.raises(DcclError, match=r"invalid JSON at line 2"):
+        load_config(tmp_path / "bad.json")
+    with pytest.raises(DcclError, match="cannot read"):
+        load_config(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------- CLI without a bundle
+
+
+def _jsonl(path, evs):
+    path.write_text("".join(json.dumps(e) + "\n" for e in evs))
+    return path
+
+
+def _events(n, item0=1, prefix="e", every=1):
+    now = time.time()
+    return [{"event_id": f"{prefix}{i}", "kind": "click" if i % every == 0 else "impression",
+             "item": item0 + (i * 7) % 50, "ts": now - 1000 + i} for i in range(n)]
+
+
+def test_cli_ingest_file_idempotent_and_status(tmp_path):
+    cfg = write_config(tmp_path)
+    f = _jsonl(tmp_path / "ev.jsonl", _events(10, every=2))
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--file", str(f), "--profile", "2,1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["added"] == 10 and out["profile"] == [2, 1]
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--file", "-", stdin=f.read_text())
+    assert r.returncode == 0 and json.loads(r.stdout)["duplicates"] == 10
+    r = run_edge_cli("edge", "status", "--config", str(cfg))
+    st = json.loads(r.stdout)
+    assert r.returncode == 0 and st["store"]["click"] == 5 and st["store"]["impression"] == 5
+    assert st["status"] == "degraded" and "no manifest.json" in st["bundle_error"]
+
+
+def test_cli_ingest_bad_lines_stores_good_ones_and_exits_2(tmp_path):
+    cfg = write_config(tmp_path)
+    good = _events(2)
+    f = tmp_path / "ev.jsonl"
+    f.write_text(json.dumps(good[0]) + "\n{oops\n" + json.dumps({**good[1], "item": 0}) + "\n\n"
+                 + json.dumps({**good[1], "event_id": "x"}) + "\n")
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--file", str(f))
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "stored 2" in err and "line 2: invalid JSON" in err and "line 3: item = 0" in err
+
+
+def test_cli_single_event(tmp_path):
+    cfg = write_config(tmp_path)
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--kind", "click", "--item", "7", "--event-id", "one")
+    assert r.returncode == 0 and json.loads(r.stdout)["added"] == 1
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--kind", "click", "--item", "7", "--event-id", "one")
+    assert json.loads(r.stdout)["duplicates"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edge", "ingest"], "nothing to ingest"),
+    (["edge", "ingest", "--item", "3"], "needs --kind and --item"),
+    (["edge", "ingest", "--file", "/nonexistent.jsonl"], "cannot read"),
+    (["edge", "ingest", "--profile", "1,x"], "--profile = '1,x': expected comma-separated integers"),
+    (["edge", "ingest", "--profile", "1,-2"], "profile[1] = -2"),
+    (["edge", "rank", "--candidates", "1,2"], "no manifest.json"),
+    (["edge", "train"], "no manifest.json"),
+])
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
+    cfg = write_config(tmp_path)
+    r = run_edge_cli(*args, "--config", str(cfg))
+    assert r.returncode == 2 and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_config_is_one_line(tmp_path):
+    cfg = write_config(tmp_path, train={"max_steps": -3})
+    r = run_edge_cli("edge", "status", "--config", str(cfg))
+    assert r.returncode == 2 and "train.max_steps = -3: must be >= 1" in r.stderr and "Traceback" not in r.stderr
+    r = run_edge_cli("edge", "status")
+    assert r.returncode == 2 and "DCCL_EDGE_CONFIG" in r.stderr
+
+
+def test_cli_help():
+    r = run_edge_cli("edge", "--help")
+    assert r.returncode == 0 and all(w in r.stdout for w in ("ingest", "rank", "train", "serve", "status"))
+    assert run_edge_cli("--help").stdout.count("edge") >= 1
+
+
+# ----------------------------------------------------------------------------- with a real bundle
+
+
+@pytest.fixture
+def device(tmp_path):
+    build_bundle(tmp_path / "bundle")
+    cfg = write_config(tmp_path, train={"max_steps": 10, "neg": 2, "val_frac": 0.2})
+    r = run_edge_cli("edge", "ingest", "--config", str(cfg), "--profile", "2,1",
+                     "--file", str(_jsonl(tmp_path / "ev.jsonl", _events(40, every=3))))
+    assert r.returncode == 0, r.stderr
+    return tmp_path, cfg
+
+
+def _json(r):
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_rank_train_rank_on_a_real_bundle(device):
+    tmp, cfg = device
+    first = _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "5,10,15,20,25"))
+    assert sorted(first["items"]) == [5, 10, 15, 20, 25] and first["phi_source"] == "encoder"
+    assert first["scores"] == sorted(first["scores"], reverse=True)
+    enc_phi = StateStore(tmp / "state").load().phi
+
+    rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    assert rep["round"] == 1 and rep["steps"] >= 1 and rep["positives"] == 14 and rep["val_samples"] == 3 * 3
+    st = StateStore(tmp / "state").load()
+    assert st.rounds == 1 and st.bundle_version == "edge-test-1" and st.last_train_samples == rep["train_samples"]
+    (name,) = st.phi
+    changed = not np.array_equal(st.phi[name], enc_phi[name])
+    assert changed != rep["kept_previous"], "φ changes exactly when the trained one is kept"
+
+    again = _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "5,10,15,20,25"))
+    assert again["phi_source"] == ("trained" if changed else "encoder")
+    if changed:
+        assert again["scores"] != first["scores"]
+    rep2 = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    assert rep2["round"] == 2 and StateStore(tmp / "state").load().rounds == 2
+
+
+def test_corrupted_bundle_is_a_clear_error_and_state_is_kept(device):
+    tmp, cfg = device
+    _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    before = (tmp / "state" / "state.npz").read_bytes()
+    onnx = tmp / "bundle" / "inference.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:100])               # truncated
+    for cmd in (["rank", "--candidates", "1,2"], ["train"]):
+        r = run_edge_cli("edge", *cmd, "--config", str(cfg))
+        assert r.returncode == 2 and "inference.onnx" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp / "state" / "state.npz").read_bytes() == before
+    assert len(list((tmp / "bundle").iterdir())) == 8, "nothing deleted"
+
+
+def test_nan_phi_in_state_is_a_clear_error_and_nothing_is_deleted(device):
+    tmp, cfg = device
+    _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1"))
+    path = tmp / "state" / "state.npz"
+    raw = dict(np.load(path))
+    key = next(k for k in raw if k.startswith("phi:"))
+    raw[key] = np.full_like(raw[key], np.nan)
+    with open(path, "wb") as f:
+        np.savez(f, **raw)
+    bad = path.read_bytes()
+    for cmd in (["rank", "--candidates", "1,2"], ["train"]):
+        r = run_edge_cli("edge", *cmd, "--config", str(cfg))
+        assert r.returncode == 2 and "contains NaN" in r.stderr and "Traceback" not in r.stderr
+    assert path.read_bytes() == bad
+
+
+def test_train_without_local_data_is_a_clear_error(tmp_path):
+    build_bundle(tmp_path / "bundle")
+    cfg = write_config(tmp_path)
+    r = run_edge_cli("edge", "train", "--config", str(cfg))
+    assert r.returncode == 2 and "nothing to train on" in r.stderr
+    assert StateStore(tmp_path / "state").load().rounds == 0
+
+
+def test_config_max_len_must_match_bundle(device):
+    tmp, cfg = device
+    data = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**data, "max_len": 99}))
+    r = run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1")
+    assert r.returncode == 2 and "max_len = 99" in r.stderr and "max_len 6" in r.stderr
+
+
+def test_new_bundle_restarts_phi_from_the_encoder(device):
+    tmp, cfg = device
+    _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    m = json.loads((tmp / "bundle" / "manifest.json").read_text())
+    m["bundle_version"] = "edge-test-2"                      # same files, a new version
+    (tmp / "bundle" / "manifest.json").write_text(json.dumps(m))
+    out = _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1,2"))
+    assert out["bundle_version"] == "edge-test-2" and out["phi_source"] == "encoder"
+    st = StateStore(tmp / "state").load()
+    assert st.bundle_version == "edge-test-2" and st.rounds == 1 and st.counters["previous_bundle"] == "edge-test-1"
+
+
+def test_serve_rank_and_stop_on_sigterm(device):
+    tmp, cfg = device
+    p = subprocess.Popen([edge_python(), "-m", "dccl.cli", "edge", "serve", "--config", str(cfg)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ})
+    try:
+        line = p.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line + p.stderr.read()
+        url = line.split("listening on ")[1].split()[0]
+        health = json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())
+        assert health["status"] == "ok" and health["bundle_version"] == "edge-test-1"
+        req = urllib.request.Request(url + "/rank", data=json.dumps({"candidates": [3, 4, 5], "k": 2}).encode(),
+                                     method="POST")
+        out = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert len(out["items"]) == 2 and out["phi_source"] == "encoder"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+        p.stdout.close()
+        p.stderr.close()
