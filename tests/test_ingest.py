@@ -296,3 +296,19 @@ def test_cli_errors_are_one_line(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "missing.json" in r.stderr
+
+
+def test_grafana_dashboard_uses_only_metrics_that_exist():
+    import json
+    import re
+    from cloud_trainer.ingest.service import IngestMetrics
+    m = IngestMetrics()
+    m.messages.labels("accepted").inc()
+    known = {s.name for fam in m.registry.collect() for s in fam.samples}
+    dash = json.loads((REPO / "deploy/grafana/dccl-fleet.json").read_text())
+    used = {name for p in dash["panels"] for t in p["targets"]
+            for name in re.findall(r"\bdccl_[a-z_]+", t["expr"])}
+    # labelled gauges without samples yet still register their family name
+    families = {fam.name for fam in m.registry.collect()}
+    missing = {u for u in used if u not in known and not {u, u.removesuffix("_bucket"), u.removesuffix("_total")} & families}
+    assert used and not missing, missing
