@@ -14,6 +14,7 @@ Everything bundle-specific sits behind ``Model`` so the store / state / HTTP pat
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,25 @@ from edge_agent.store import IngestResult, Store
 log = logging.getLogger("dccl.edge.agent")
 
 MANIFEST = "manifest.json"
+
+
+def resolve_bundle_dir(bundle_dir: Path) -> Path:
+    """The bundle in use: ``bundle_dir`` itself when it holds a manifest, else the current bundle
+    of a model-update root (``state.json`` {"current": version} + ``bundles/<version>/``, as
+    ``edge_agent.model_update`` keeps it)."""
+    bundle_dir = Path(bundle_dir)
+    if (bundle_dir / MANIFEST).exists():
+        return bundle_dir
+    root_state = bundle_dir / "state.json"
+    if root_state.exists():
+        try:
+            current = json.loads(root_state.read_text(encoding="utf-8")).get("current")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise DcclError(f"bundle root {root_state}: unreadable ({exc})") from None
+        if not current:
+            raise DcclError(f"bundle root {bundle_dir}: no current bundle yet (none received)")
+        return bundle_dir / "bundles" / str(current)
+    raise DcclError(f"bundle {bundle_dir}: no {MANIFEST} (has a bundle been installed?)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +99,7 @@ class Agent:
         self.states = StateStore(config.state_dir)
         self._model = model
         self._owns_model = model is None
-        self._model_stamp: tuple[int, int, int] | None = None
+        self._model_stamp: tuple | None = None
         self._lock = threading.RLock()
         self._state: DeviceState | None = None
         self._state_stamp: tuple[int, int] | None = None
@@ -101,14 +121,15 @@ class Agent:
         with self._lock:
             if self._model is not None and not self._owns_model:
                 return self._model
+            bundle_dir = resolve_bundle_dir(self.config.bundle_dir)
             try:
-                st = (Path(self.config.bundle_dir) / MANIFEST).stat()
-                stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+                st = (bundle_dir / MANIFEST).stat()
+                stamp = (str(bundle_dir), st.st_mtime_ns, st.st_ino, st.st_size)
             except FileNotFoundError:
                 stamp = None
             if self._model is None or stamp != self._model_stamp:
                 self._model = None
-                self._model = BundleModel(self.config)
+                self._model = BundleModel(self.config, bundle_dir)
                 self._model_stamp = stamp
             return self._model
 
@@ -287,14 +308,15 @@ class BundleModel:
     state is left as it is.
     """
 
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, bundle_dir: Path | None = None):
         from edge_agent import trainer as T     # imports onnxruntime: only when a bundle is used
 
         self.config = config
         self._T = T
-        if not (Path(config.bundle_dir) / MANIFEST).exists():
-            raise DcclError(f"bundle {config.bundle_dir}: no {MANIFEST} (has a bundle been installed?)")
-        self.bundle = T.Bundle(config.bundle_dir, verify=True)
+        bundle_dir = resolve_bundle_dir(config.bundle_dir) if bundle_dir is None else bundle_dir
+        if not (bundle_dir / MANIFEST).exists():
+            raise DcclError(f"bundle {bundle_dir}: no {MANIFEST}")
+        self.bundle = T.Bundle(bundle_dir, verify=True)
         b = self.bundle
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)})

@@ -11,7 +11,8 @@ Example (every key optional except ``device_id``)::
     {
       "device_id": "pi-kitchen",
       "state_dir": "state",              # store.sqlite, state.npz live here
-      "bundle_dir": "bundle",            # manifest.json, inference.onnx, ...
+      "bundle_dir": "bundle",            # a bundle (manifest.json, ...) or a model-update root
+                                         # (state.json + bundles/<version>/, edge_agent.model_update)
       "max_len": null,                   # hist length L; null = the bundle's max_len
       "mqtt":      {"broker": "mqtt://cloud.example:1883", "prefix": "dccl",
                     "hmac_key": "{DCCL_HMAC_KEY}"},

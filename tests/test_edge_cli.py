@@ -283,3 +283,16 @@ def test_serve_rank_and_stop_on_sigterm(device):
         assert p.wait(timeout=20) == 0
         p.stdout.close()
         p.stderr.close()
+
+
+def test_bundle_dir_may_be_a_model_update_root(tmp_path):
+    """bundle_dir pointing at edge_agent.model_update's root: the current bundle is used."""
+    root = tmp_path / "models"
+    build_bundle(root / "bundles" / "edge-test-1")
+    (root / "state.json").write_text(json.dumps({"current": "edge-test-1", "previous": None}))
+    cfg = write_config(tmp_path, bundle_dir="models")
+    out = _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1,2"))
+    assert out["bundle_version"] == "edge-test-1"
+    (root / "state.json").write_text(json.dumps({"current": None, "previous": None}))
+    r = run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1,2")
+    assert r.returncode == 2 and "no current bundle yet" in r.stderr
