@@ -76,11 +76,6 @@ with torch.no_grad():
         p.normal_(0.0, 0.3)
 enc = PatchEncoder(EncoderConfig(n_items=n_items, phi_dim=8, profile_vocab=vocab, emb_dim=4, profile_dim=2, hidden=8))
 save_checkpoint(sys.argv[1], model, enc, step=1, round=0)
-# Work around save_checkpoint storing torch.__version__ (a TorchVersion) that its own
-# weights_only load refuses: store the versions as plain strings.
-payload = torch.load(sys.argv[1], weights_only=False)
-payload["versions"] = {k: str(v) for k, v in payload["versions"].items()}
-torch.save(payload, sys.argv[1])
 """
 
 
