@@ -164,10 +164,10 @@ def test_random_garbage_never_stops_the_service(tmp_path, prefix):
 
 
 # ---- the bars --------------------------------------------------------------------------
-def _ingest_cmd(broker_url, store, keys, prefix, client_id, group="ingest"):
+def _ingest_cmd(broker_url, store, keys, prefix, client_id, group="ingest", schema=None):
     return [sys.executable, "-m", "dccl.cli", "cloud", "ingest", "--broker", broker_url, "--store", str(store),
             "--keys", str(keys), "--prefix", prefix, "--client-id", client_id, "--group", group,
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING"] + (["--pg-schema", schema] if schema else [])
 
 
 def _probe_until_stored(c, topics, stores, what):
@@ -224,22 +224,27 @@ def test_broker_outage_50_patches_from_outbox_stored_exactly_once(tmp_path, own_
         store.close()
 
 
-def test_sigkill_ingest_mid_stream_then_restart_stores_every_patch_once(tmp_path, own_broker, prefix):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_sigkill_ingest_mid_stream_then_restart_stores_every_patch_once(tmp_path, own_broker, prefix, backend,
+                                                                        request):
     keys = write_keys(tmp_path / "keys.json", ["dev-a", "dev-b"])
-    db = tmp_path / "p.db"
-    cmd = _ingest_cmd(own_broker.url, db, keys, prefix, "ing-kill")
+    if backend == "sqlite":
+        db, schema = tmp_path / "p.db", None
+    else:
+        db, schema = request.getfixturevalue("pg_schema")
+    store = open_store(db, schema=schema)        # creates the tables before the ingest process starts
+    cmd = _ingest_cmd(own_broker.url, db, keys, prefix, "ing-kill", schema=schema)
     proc = _spawn(cmd, tmp_path / "ingest.log")
     topics = Topics(prefix)
-    store = open_store(db)
     c = publisher(own_broker.port)
-    n = 400
+    n = 800
     made = [make_patch("dev-a", round_=r, seed=r) for r in range(n)]
     try:
         probes = _probe_until_stored(c, topics, [store], "ingest subscribed")
         base = store.count()
         feeder = threading.Thread(target=publish_all, args=(c, [(topics.patch("dev-a"), raw) for _, raw in made]))
         feeder.start()
-        wait_for(lambda: store.count() >= base + 40, 15, interval=0.005, what="ingest mid-stream")
+        wait_for(lambda: store.count() >= base + 20, 15, interval=0.005, what="ingest mid-stream")
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
         at_kill = store.count()

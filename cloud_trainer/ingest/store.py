@@ -82,7 +82,7 @@ class PatchStore:
 
     # subclasses: _tx() context manager yielding a cursor, committed on exit
     @contextmanager
-    def _tx(self) -> Iterator:
+    def _tx(self, write: bool = False) -> Iterator:
         raise NotImplementedError
 
     def _sql(self, q: str) -> str:
@@ -90,7 +90,7 @@ class PatchStore:
 
     def add(self, patch: envelope.Patch, raw: bytes) -> bool:
         """Store a verified patch in one transaction. False if its message id is stored already."""
-        with self._tx() as cur:
+        with self._tx(write=True) as cur:
             cur.execute(
                 self._sql(self._insert_patch),
                 (patch.message_id, patch.device_id, patch.bundle_version, patch.round, patch.sample_count,
@@ -99,7 +99,7 @@ class PatchStore:
             return cur.rowcount == 1
 
     def quarantine(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
-        with self._tx() as cur:
+        with self._tx(write=True) as cur:
             cur.execute(
                 self._sql("INSERT INTO quarantine (received_ms, topic, reason, detail, payload) VALUES (?,?,?,?,?)"),
                 (int(time.time() * 1000), topic, reason, detail[:500], bytes(payload[:65536])),
@@ -169,10 +169,11 @@ class SqlitePatchStore(PatchStore):
             self._db.execute(stmt)
 
     @contextmanager
-    def _tx(self):
+    def _tx(self, write: bool = False):
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            # writers take the lock up front (no deadlock on upgrade); readers never block the writer
+            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield cur
             except BaseException:
@@ -194,27 +195,33 @@ class PostgresPatchStore(PatchStore):
     def __init__(self, url: str, schema: str | None = None):
         import psycopg
 
-        self._psycopg = psycopg
+        self._psycopg, self._url, self._schema_name = psycopg, url, schema
         if schema is not None and not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
             raise DcclError(f"PostgreSQL schema {schema!r}: use [a-z_][a-z0-9_]*")
         try:
-            self._db = psycopg.connect(url, autocommit=True)
+            self._connect()
         except psycopg.Error as exc:
             raise DcclError(f"cannot connect to {url}: {str(exc).splitlines()[0]}") from None
         self._lock = threading.Lock()
-        if schema:
-            self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            self._db.execute(f"SET search_path TO {schema}")
         with self._db.transaction():
             # concurrent ingest processes may race to create the tables
             self._db.execute("SELECT pg_advisory_xact_lock(7217001)")
             for stmt in self._schema():
                 self._db.execute(stmt)
 
+    def _connect(self) -> None:
+        self._db = self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        if self._schema_name:
+            self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_name}")
+            self._db.execute(f"SET search_path TO {self._schema_name}")
+
     @contextmanager
-    def _tx(self):
-        with self._lock, self._db.transaction(), self._db.cursor() as cur:
-            yield cur
+    def _tx(self, write: bool = False):
+        with self._lock:
+            if self._db.closed or self._db.broken:
+                self._connect()       # the server restarted: the caller retries the transaction
+            with self._db.transaction(), self._db.cursor() as cur:
+                yield cur
 
     def close(self) -> None:
         self._db.close()
