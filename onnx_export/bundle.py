@@ -36,7 +36,7 @@ from cloud_trainer.personalize import DeviceTrainConfig, train_phi
 from dccl.errors import DcclError
 from dccl.protocol import manifest as mf
 from onnx_export import artifacts, encoder as encoder_export, inference, portable
-from onnx_export.schema import example_batch, input_schema, trainable_spec
+from onnx_export.schema import device_view, example_batch, input_schema, trainable_spec
 
 REFERENCE_BATCH = 16
 REFERENCE_STEPS = 5
@@ -143,9 +143,10 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
             # Tracer warnings about the single-device branch (φ is always (1, m) here) and
             # exporter chatter; failures still raise.
             warnings.simplefilter("ignore")
-            names = artifacts.generate(model, tmp, cfg)
-            inference.export(model, tmp / inference.FILE)
-            portable.export(model, tmp / portable.FILE)
+            view = device_view(model)
+            names = artifacts.generate(view, tmp, cfg)
+            inference.export(view, tmp / inference.FILE)
+            portable.export(view, tmp / portable.FILE)
             encoder_export.export(encoder, model.base.config.max_len, tmp / encoder_export.FILE)
         names += [inference.FILE, portable.FILE, encoder_export.FILE]
         manifest = build_manifest(model, cfg, version=version, files=mf.file_entries(tmp, names),

@@ -8,10 +8,12 @@ values in the manifest and the benchmark draw batches from it.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import onnx
+import torch
 
 from cloud_trainer.models.metapatch import MetaPatchModel
 
@@ -62,3 +64,18 @@ def cap_ir(path: str | os.PathLike) -> None:
     if proto.ir_version > MAX_IR_VERSION:
         proto.ir_version = MAX_IR_VERSION
         onnx.save(proto, os.fspath(path))
+
+
+def device_view(model: MetaPatchModel) -> MetaPatchModel:
+    """A copy of ``model`` for export in which the catalogue table (item embedding beside its mean
+    attribute embedding, ``DIN.item_table``) is precomputed: on a device it is frozen, so the
+    graphs need not rebuild it from the attribute lists at every step. Same outputs, same
+    parameter names; the table is an extra buffer ``base.device_item_table``."""
+    view = copy.deepcopy(model).eval()
+    base = view.base
+    with torch.no_grad():
+        base.register_buffer("device_item_table", base.item_table().detach().clone(), persistent=True)
+    # An instance attribute shadows the method; it reads the buffer through the module, so
+    # functional_call (portable export) can still substitute it.
+    base.item_table = lambda: base.device_item_table
+    return view
