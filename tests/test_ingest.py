@@ -317,3 +317,30 @@ def test_grafana_dashboard_uses_only_metrics_that_exist():
     families = {fam.name for fam in m.registry.collect()}
     missing = {u for u in used if u not in known and not {u, u.removesuffix("_bucket"), u.removesuffix("_total")} & families}
     assert used and not missing, missing
+
+
+def test_cli_serves_prometheus_metrics(tmp_path, prefix):
+    import urllib.request
+    from tests.mqtt_fixtures import free_port
+    keys = write_keys(tmp_path / "keys.json", ["dev-a"])
+    port = free_port()
+    proc = _spawn(_ingest_cmd(BROKER, tmp_path / "p.db", keys, prefix, f"ing-m-{prefix}") +
+                  ["--metrics-port", str(port)], tmp_path / "ingest.log")
+    c = publisher()
+    try:
+        def scrape():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+            except OSError:
+                return None
+        # publish garbage until the subscription exists and it shows up as a counted rejection
+        def rejected():
+            publish_all(c, [(Topics(prefix).patch("dev-a"), b"junk")])
+            text = scrape()
+            return text if text and 'dccl_ingest_rejected_total{reason="bad_magic"}' in text else None
+        text = wait_for(rejected, 15, interval=0.1, what="rejection visible on /metrics")
+        assert "dccl_ingest_connected 1.0" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0          # clean shutdown on SIGTERM
+        c.disconnect()
