@@ -34,7 +34,7 @@ def save_checkpoint(path: str | Path, model: MetaPatchModel, encoder: PatchEncod
         "encoder_state": encoder.state_dict() if encoder is not None else None,
         "step": step,
         "round": round,
-        "versions": {"dccl": dccl.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"dccl": dccl.__version__, "torch": str(torch.__version__), "python": platform.python_version()},
         "extra": extra or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,10 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    # save_checkpoint stores torch.__version__, a TorchVersion (a str subclass) that a weights-only
-    # load refuses by default; allow exactly that class so current checkpoints load.
-    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
-        model, encoder, meta = load_checkpoint(args.checkpoint)
+    model, encoder, meta = load_checkpoint(args.checkpoint)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("weight_decay", args.weight_decay))
                  if v is not None}
     try:
