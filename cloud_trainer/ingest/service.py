@@ -13,6 +13,13 @@ ids are per connection); it is left to the broker's redelivery instead.
 
 The same process follows heartbeats and availability (a normal, non-shared
 subscription) for the fleet gauges of the Prometheus endpoint.
+
+Under load the worker takes what is already queued (up to ``max_batch`` messages, never
+waiting for more, so a lone message is not delayed), validates each, writes the accepted
+patches and the quarantine rows of the whole batch in one transaction, and acknowledges
+the batch's messages, in arrival order, only after that commit. One fsync then covers many
+messages; the guarantee stays "acknowledged only after committed". ``max_batch=1`` is one
+transaction per message.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -41,6 +49,7 @@ from dccl.protocol.errors import ProtocolError
 from dccl.protocol.topics import Topics
 from cloud_trainer.ingest.store import PatchStore, open_store
 from cloud_trainer.ingest.validate import Validator, load_keys, load_spec
+from dccl.protocol.envelope import Patch
 
 log = logging.getLogger("dccl.ingest")
 
@@ -74,6 +83,12 @@ class _Msg:
     generation: int
 
 
+# What happened to one message: "accepted", "duplicate", "fleet" (heartbeat / availability /
+# other topic), or the ProtocolError reason it was quarantined with.
+Outcome = tuple[str, "Patch | None"]
+CommitHook = Callable[[list[Outcome]], None]
+
+
 class IngestService:
     def __init__(
         self,
@@ -90,6 +105,8 @@ class IngestService:
         password: str | None = None,
         metrics: IngestMetrics | None = None,
         follow_fleet: bool = True,
+        max_batch: int = 64,
+        on_commit: CommitHook | None = None,
     ):
         self.broker = parse_broker_url(broker) if isinstance(broker, str) else broker
         self.store = store
@@ -98,6 +115,10 @@ class IngestService:
         self.group = group
         self.metrics = metrics or IngestMetrics()
         self.follow_fleet = follow_fleet
+        if max_batch < 1:
+            raise ValueError(f"max_batch = {max_batch}: must be >= 1")
+        self.max_batch = max_batch
+        self.on_commit = on_commit        # called in the worker after each commit + acks
         self._queue: queue.Queue[_Msg | None] = queue.Queue()
         self._generation = 0
         self._stop = threading.Event()
@@ -169,20 +190,86 @@ class IngestService:
             self._client.ack(msg.mid, msg.qos)
 
     def _work(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             msg = self._queue.get()
             if msg is None:
                 return
-            self.metrics.queue_depth.dec()
-            if msg.generation != self._generation:
-                continue            # unacknowledged on a dead connection: the broker redelivers it
-            try:
-                self._handle(msg)
-            except Exception:       # a bug must not stop ingest; the message stays unacked
-                log.exception("unexpected error on %s; left for redelivery", msg.topic)
+            batch = [msg]
+            while len(batch) < self.max_batch:      # only what is already queued: no lingering
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self.metrics.queue_depth.dec(len(batch))
+            # unacknowledged on a dead connection: the broker redelivers them
+            live = [m for m in batch if m.generation == self._generation]
+            if not live:
                 continue
-            self._ack(msg)
-            self.processed += 1
+            try:
+                done = self._process(live)
+            except Exception:       # a bug must not stop ingest; the batch stays unacked
+                log.exception("unexpected error on a batch of %d; left for redelivery", len(live))
+                continue
+            for m, _ in done:
+                self._ack(m)
+            self.processed += len(done)
+            if self.on_commit is not None:
+                self.on_commit([outcome for _, outcome in done])
+
+    def process(self, topic: str, payload: bytes) -> str:
+        """Validate and store one message as the worker would (without the broker): returns
+        "accepted", "duplicate", "fleet" or the rejection reason. For tests, fuzzing, replays."""
+        done = self._process([_Msg(topic, bytes(payload), 0, 0, self._generation)])
+        if not done:
+            raise RuntimeError(f"message on {topic!r} was not processed (see the log)")
+        return done[0][1][0]
+
+    def _process(self, batch: list[_Msg]) -> list[tuple[_Msg, Outcome]]:
+        """Validate a batch, commit it in one transaction, update metrics. Returns the messages
+        that may now be acknowledged, in arrival order, with their outcomes."""
+        accepted: list[tuple[_Msg, Patch]] = []
+        rejected: list[tuple[_Msg, ProtocolError]] = []
+        fleet: list[_Msg] = []
+        for m in batch:
+            parsed = self.topics.parse_device_topic(m.topic)
+            try:
+                if parsed and parsed[1] == "patch":
+                    try:
+                        accepted.append((m, self.validator.validate(m.topic, m.payload)))
+                    except ProtocolError as exc:
+                        rejected.append((m, exc))
+                else:
+                    self._handle_fleet(m, parsed)
+                    fleet.append(m)
+            except Exception:       # a bug on one message: it stays unacked, the rest go on
+                log.exception("unexpected error on %s; left for redelivery", m.topic)
+        if accepted or rejected:
+            stored = self._with_retry(
+                self.store.write_batch, [(p, m.payload) for m, p in accepted],
+                [(m.topic, e.reason, e.detail, m.payload) for m, e in rejected])
+        else:
+            stored = []
+        outcome: dict[int, Outcome] = {id(m): ("fleet", None) for m in fleet}
+        now = time.time()
+        for (m, patch), new in zip(accepted, stored):
+            if new:
+                self.metrics.messages.labels("accepted").inc()
+                self.metrics.patches_by_device.labels(patch.device_id).inc()
+                self.metrics.latency.observe(max(0.0, now - patch.timestamp_ms / 1000))
+                outcome[id(m)] = ("accepted", patch)
+            else:
+                self.metrics.messages.labels("duplicate").inc()
+                outcome[id(m)] = ("duplicate", patch)
+        for m, exc in rejected:
+            self.metrics.rejected.labels(exc.reason).inc()
+            self.metrics.messages.labels("rejected").inc()
+            outcome[id(m)] = (exc.reason, None)
+        return [(m, outcome[id(m)]) for m in batch if id(m) in outcome]
 
     def _with_retry(self, fn, *args) -> object:
         delay = 0.2
@@ -197,12 +284,9 @@ class IngestService:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _handle(self, msg: _Msg) -> None:
-        parsed = self.topics.parse_device_topic(msg.topic)
+    def _handle_fleet(self, msg: _Msg, parsed: tuple[str, str] | None) -> None:
         kind = parsed[1] if parsed else None
-        if kind == "patch":
-            self._handle_patch(msg)
-        elif kind == "availability" and parsed:
+        if kind == "availability" and parsed:
             try:
                 state = payloads.load_availability(msg.payload)
             except ProtocolError:
@@ -219,21 +303,6 @@ class IngestService:
                                (self.metrics.loss, "last_loss")):
                 if hb.get(key) is not None:
                     gauge.labels(d).set(hb[key])
-
-    def _handle_patch(self, msg: _Msg) -> None:
-        try:
-            patch = self.validator.validate(msg.topic, msg.payload)
-        except ProtocolError as exc:
-            self._with_retry(self.store.quarantine, msg.topic, exc.reason, exc.detail, msg.payload)
-            self.metrics.rejected.labels(exc.reason).inc()
-            self.metrics.messages.labels("rejected").inc()
-            return
-        if self._with_retry(self.store.add, patch, msg.payload):
-            self.metrics.messages.labels("accepted").inc()
-            self.metrics.patches_by_device.labels(patch.device_id).inc()
-            self.metrics.latency.observe(max(0.0, time.time() - patch.timestamp_ms / 1000))
-        else:
-            self.metrics.messages.labels("duplicate").inc()
 
 
 # ---- CLI ---------------------------------------------------------------------------
@@ -252,6 +321,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm-bound", type=float, default=1e3, help="max L2 norm of a tensor (default: 1000)")
     p.add_argument("--max-age", type=float, help="reject patches older than this many seconds (replay window)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="messages committed per transaction under load, then acknowledged (default: 64)")
     p.add_argument("--tls-ca", help="CA certificate for mqtts://")
     p.add_argument("--password-env", default="DCCL_MQTT_PASSWORD",
                    help="environment variable holding the broker password (default: DCCL_MQTT_PASSWORD)")
@@ -265,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
         topics = Topics(args.prefix)
     except ValueError as exc:
         raise DcclError(str(exc)) from None
+    if args.max_batch < 1:
+        raise DcclError(f"--max-batch = {args.max_batch}: must be >= 1")
     validator = Validator(
         keys=load_keys(args.keys), topics=topics, spec=load_spec(args.spec),
         accepted_bundles=frozenset(args.accept_bundle) if args.accept_bundle else None,
@@ -272,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     )
     store = open_store(args.store, schema=args.pg_schema)
     svc = IngestService(broker, store, validator, group=args.group, client_id=args.client_id,
-                        tls_ca=args.tls_ca, password=os.environ.get(args.password_env))
+                        tls_ca=args.tls_ca, password=os.environ.get(args.password_env),
+                        max_batch=args.max_batch)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=svc.metrics.registry)
     stop = threading.Event()

@@ -98,6 +98,32 @@ class PatchStore:
             )
             return cur.rowcount == 1
 
+    def write_batch(self, accepted: list[tuple[envelope.Patch, bytes]],
+                    quarantined: list[tuple[str, str, str, bytes]]) -> list[bool]:
+        """Store verified patches and quarantine rows in ONE transaction (one commit, one fsync).
+
+        ``accepted``: (patch, raw envelope); ``quarantined``: (topic, reason, detail, payload).
+        Returns, per accepted patch, True if stored now, False if its message id was already
+        stored (also within this batch). Ingest acknowledges the batch's messages only after
+        this returns, so "ack only after commit" holds for every one of them.
+        """
+        now_ms = int(time.time() * 1000)
+        stored: list[bool] = []
+        with self._tx(write=True) as cur:
+            for patch, raw in accepted:
+                cur.execute(
+                    self._sql(self._insert_patch),
+                    (patch.message_id, patch.device_id, patch.bundle_version, patch.round, patch.sample_count,
+                     patch.timestamp_ms, now_ms, json.dumps(dict(patch.metrics)), bytes(raw)),
+                )
+                stored.append(cur.rowcount == 1)
+            for topic, reason, detail, payload in quarantined:
+                cur.execute(
+                    self._sql("INSERT INTO quarantine (received_ms, topic, reason, detail, payload) VALUES (?,?,?,?,?)"),
+                    (now_ms, topic, reason, detail[:500], bytes(payload[:65536])),
+                )
+        return stored
+
     def quarantine(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
         with self._tx(write=True) as cur:
             cur.execute(
