@@ -58,13 +58,16 @@ class ExperimentConfig(BaseModel):
     strategies: list[Literal["stale", "model-over-data", "full-patch", "metapatch", "dccl", "fedavg-patches"]] = \
         Field(default_factory=lambda: list(STRATEGIES))
     tune: bool = True  # choose the device step budget on the validation slices (seed 0, round 0)
-    tune_steps: list[int] = Field(default_factory=lambda: [0, 5, 10, 20, 40])
+    tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
+    # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive).
+    tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
+        {"lam": 0.3, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 4}, {"lam": 3.0, "kd_extra": 4}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
-    metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
+    metapatch: MetaPatchConfig = field(default_factory=lambda: MetaPatchConfig(phi_dim=64))
     device: DeviceTrainConfig = field(default_factory=DeviceTrainConfig)
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
-    meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
+    meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(epochs=4))
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
 
     def to_dict(self) -> dict:

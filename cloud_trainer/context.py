@@ -91,9 +91,7 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
             train_count=torch.zeros(ds.n_users).index_add(0, ft["owner"], torch.ones(len(ft["owner"]))),
         ))
     w0 = split.round(0)
-    # The cloud history of round 0, and for meta-training its per-user older (support) and newer
-    # (query) parts: the query imitates "fresh data after the bundle", the support "data before it".
-    cloud = to_batch(build_ctr_samples(ds, w0, "cloud", neg=d.neg, max_len=d.max_len, seed=1000 * seed + 5), ds.profile)
+    # The cloud history of round 0 as its per-user older (support) and newer (query) parts: the query imitates "fresh data after the bundle", the support "data before it".
     c = w0.cloud
     q = np.where(c[:, 1] > 1, np.maximum(1, np.round(0.3 * c[:, 1])).astype(np.int64), 0)
     sup_w = replace(w0, cloud=np.stack([c[:, 0], c[:, 1] - q], 1))
@@ -110,15 +108,24 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
     model = build_model(din_cfg, cfg.metapatch, torch.from_numpy(np.asarray(ds.item_attrs)))
     encoder = PatchEncoder(EncoderConfig(n_items=ds.n_items, phi_dim=model.phi_dim,
                                          profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim))
+    # W_f first learns the older part of the cloud history only, so that meta-training sees newer
+    # interactions the cloud model has not fitted yet — exactly the device's situation. (Meta-training
+    # on data W_f already memorised gives Θ nothing to learn: φ stays inert, as NOTES.md records.)
+    # Then W_f catches up on the newer part, so the cloud model has seen the whole cloud history.
     history = {}
     t0 = time.perf_counter()
-    history["pretrain"] = fit_cloud(model, cloud, list(model.cloud_parameters().values()), cc.pretrain_epochs,
-                                    cc.lr, cc.batch_size, seed=seed, progress=progress)
+    cloud_params = list(model.cloud_parameters().values())
+    history["pretrain"] = fit_cloud(model, support, cloud_params, cc.pretrain_epochs, cc.lr, cc.batch_size,
+                                    seed=seed, progress=progress)
     timings["pretrain"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not cfg.metapatch.full:
         history["meta_train"] = meta_train(model, encoder, support, query, profile, support_seq, cfg.meta,
                                            seed=seed, progress=progress)
     timings["meta_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    history["catch_up"] = fit_cloud(model, query, cloud_params, cc.update_epochs, cc.lr, cc.batch_size,
+                                    seed=seed + 1, progress=progress)
+    timings["catch_up"] = time.perf_counter() - t0
     return SeedContext(ds=ds, cfg=cfg, seed=seed, split=split, profile=profile, rounds=rounds, model=model,
                        encoder=encoder, timings=timings, history=history)

@@ -135,7 +135,34 @@ def tune(ctx, cfg) -> dict:
         best, scores = tune_device_steps(ctx, fp.model, fp.phi, cfg.full_patch_device, cfg.tune_steps, evaluate_val)
         cfg.full_patch_device.steps = best
         out["full_patch_device.steps"] = {"chosen": best, "val_gauc": scores}
+    if "dccl" in cfg.strategies and cfg.tune_momodistill:
+        out["momodistill"] = tune_momodistill(ctx, cfg, phi0, evaluate_val)
     return out
+
+
+def tune_momodistill(ctx, cfg, phi0, evaluate_val) -> dict:
+    """Choose MoMoDistill's λ and kd_extra on round 0's validation slices: the device models of round 0
+    teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
+    cloud model is scored on those held-out slices."""
+    import copy
+    from dataclasses import replace
+
+    from cloud_trainer.momodistill import device_logits, step1, with_candidates
+    from cloud_trainer.personalize import personalize_all
+    from cloud_trainer.strategies import cloud_scorer
+
+    rd = ctx.rounds[0]
+    phi, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+    scores = {}
+    for cand in cfg.tune_momodistill:
+        m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
+        model = copy.deepcopy(ctx.model)
+        data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m_cfg.kd_extra, seed=ctx.seed)
+        step1(model, data, device_logits(model, data, phi), m_cfg, seed=ctx.seed, hard_mask=hard)
+        scores[json.dumps(cand, sort_keys=True)] = evaluate_val(cloud_scorer(model, ctx.ds.profile))
+    best = json.loads(max(scores, key=scores.get))
+    cfg.momodistill.lam, cfg.momodistill.kd_extra = float(best["lam"]), int(best["kd_extra"])
+    return {"chosen": best, "val_gauc": scores}
 
 
 def _mean_std(values: list[float]) -> dict:

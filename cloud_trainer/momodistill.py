@@ -23,6 +23,9 @@ class MoMoDistillConfig:
     step2_epochs: int = 1
     step2_lr: float = 1e-3
     label_weight: float = 0.5  # step 2: weight of the true labels beside the device models' soft labels
+    # Unlabelled candidates per positive that the device models label for step 1: what a device model
+    # knows about its user's taste beyond the logged interactions. 0 = distil on the logged samples only.
+    kd_extra: int = 0
     batch_size: int = 512
 
     def __post_init__(self):
@@ -38,10 +41,25 @@ def device_logits(model, data: Batch, phi_table: torch.Tensor) -> torch.Tensor:
     return logits(model, data, phi_table)
 
 
-def step1(model, data: Batch, teacher: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0) -> list[float]:
+def with_candidates(data: Batch, n_items: int, per_positive: int, seed: int) -> tuple[Batch, torch.Tensor]:
+    """`data` plus `per_positive` random catalogue items for each positive (same owner, history and
+    profile; no label), and the (N,) mask of rows that carry a real label."""
+    if per_positive <= 0:
+        return data, torch.ones(size(data))
+    pos = torch.nonzero(data["label"] > 0.5).squeeze(1).repeat_interleave(per_positive)
+    gen = torch.Generator().manual_seed(seed)
+    extra = take(data, pos)
+    extra["item"] = torch.randint(1, n_items + 1, (len(pos),), generator=gen)
+    extra["label"] = torch.zeros(len(pos))
+    merged = {k: torch.cat([data[k], extra[k]]) for k in data}
+    return merged, torch.cat([torch.ones(size(data)), torch.zeros(len(pos))])
+
+
+def step1(model, data: Batch, teacher: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0,
+          hard_mask: torch.Tensor | None = None) -> list[float]:
     params = list(model.cloud_parameters().values())
     return fit_cloud(model, data, params, cfg.step1_epochs, cfg.step1_lr, cfg.batch_size, seed=seed,
-                     teacher=teacher, lam=cfg.lam)
+                     teacher=teacher, lam=cfg.lam, hard_mask=hard_mask)
 
 
 def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,
@@ -67,7 +85,7 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             history.append(total / max(size(data), 1))
     finally:
         for p in frozen:

@@ -24,7 +24,7 @@ import torch
 from cloud_trainer.checkpoint import build_model
 from cloud_trainer.context import SeedContext
 from cloud_trainer.models.metapatch import MetaPatchConfig
-from cloud_trainer.momodistill import device_logits, step1, step2
+from cloud_trainer.momodistill import device_logits, step1, step2, with_candidates
 from cloud_trainer.patch_generator import encode_phi
 from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
 from cloud_trainer.train import fit_cloud, logits, make_batch
@@ -129,12 +129,15 @@ class DCCL(Strategy):
         phi0 = start_phi(self.encoder, ctx, r, self.phi)
         self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
         report("dccl", device_scorer(self.model, ctx.ds.profile, self.phi))
-        # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data.
-        teacher = device_logits(self.model, rd.fresh, self.phi)
+        # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
+        # (and, with kd_extra, unlabelled candidates of each user).
         m = ctx.cfg.momodistill
-        step1(self.model, rd.fresh, teacher, m, seed=ctx.seed * 100 + r)
+        data, hard = with_candidates(rd.fresh, ctx.ds.n_items, m.kd_extra, seed=ctx.seed * 100 + r)
+        teacher = device_logits(self.model, data, self.phi)
+        step1(self.model, data, teacher, m, seed=ctx.seed * 100 + r, hard_mask=hard)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
-        step2(self.model, self.encoder, rd.fresh, teacher, self.phi, ctx.profile, rd.seq, m, seed=ctx.seed * 100 + r)
+        step2(self.model, self.encoder, rd.fresh, teacher[: len(rd.fresh["item"])], self.phi, ctx.profile, rd.seq, m,
+              seed=ctx.seed * 100 + r)
 
 
 class FedAvgPatches(Strategy):

@@ -80,10 +80,13 @@ def fit_cloud(
     seed: int = 0,
     teacher: torch.Tensor | None = None,
     lam: float = 0.0,
+    hard_mask: torch.Tensor | None = None,
     progress=None,
 ) -> list[float]:
     """Train W_f (the given params) with CE on labels (+ λ·CE on teacher probabilities: MoMoDistill
-    step 1 when `teacher` holds the device models' logits). Returns the mean loss per epoch."""
+    step 1 when `teacher` holds the device models' logits). `hard_mask` (N,) marks the rows that have
+    a real label; the others (unlabelled candidates) learn from the teacher only.
+    Returns the mean loss per epoch."""
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     soft = torch.sigmoid(teacher) if teacher is not None else None
@@ -94,13 +97,17 @@ def fit_cloud(
         for idx in minibatches(size(data), batch_size, gen):
             b = take(data, idx)
             out = _unpatched(model, b)
-            loss = bce(out, b["label"])
+            if hard_mask is None:
+                loss = bce(out, b["label"])
+            else:
+                w = hard_mask[idx]
+                loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / w.sum().clamp(min=1.0)
             if soft is not None and lam > 0:
                 loss = loss + lam * bce(out, soft[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / max(count, 1))
         if progress is not None:
