@@ -28,6 +28,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("fleet", "watch"): ("cloud_trainer.fleet.watch", "live terminal view of the fleet"),
     ("edge",): ("edge_agent.cli", "on-device agent: edge ingest | rank | train | serve | status"),
     ("export",): ("onnx_export.cli", "cloud checkpoint -> versioned device bundle (ONNX + manifest), contract-checked"),
+    ("simulate",): (
+        "cloud_trainer.simulate.cli",
+        "the whole device-cloud loop over MQTT on one machine (agent processes, ingest, MoMoDistill), with a report",
+    ),
     ("deploy",): ("provisioning.cli", "provision boards: registry, broker/ingest files, board bundles, Pi images, SSH"),
     ("hil", "run"): ("hardware_tests.runner", "hardware-in-the-loop suite on host / emulated aarch64 / ssh board -> report"),
 }
