@@ -179,6 +179,15 @@ class Pool:
         self.stats = {"patches_made": 0, "patches_published": 0, "patches_acked": 0, "unrouted": 0,
                       "refused": 0, "connects": 0, "disconnects": 0, "heartbeats": 0, "trained": 0,
                       "kept_previous": 0, "train_seconds": 0.0, "provision_seconds": 0.0, "rounds": {}}
+        try:     # counters survive a restart of the process (a crash loses at most the last slice)
+            old = json.loads((self.root / "stats.json").read_text())
+            for k, v in self.stats.items():
+                if k != "rounds" and isinstance(old.get(k), (int, float)):
+                    self.stats[k] = old[k]
+            self.stats["rounds"] = dict(old.get("rounds") or {})
+            self.stats["process_starts"] = int(old.get("process_starts", 0)) + 1
+        except (OSError, ValueError):
+            self.stats["process_starts"] = 1
         self.clock: dict | None = None
         self.model_version: str | None = None
         self.trainer: Trainer | None = None
@@ -491,6 +500,8 @@ class Pool:
                         d.client.loop_misc()
                 self.control.client.loop_misc()
             deadline = time.monotonic() + SLICE_S
+            if self._todo:
+                next_stats = 0.0
             while self._todo and time.monotonic() < deadline:
                 d = self._todo.pop(0)
                 try:
@@ -498,8 +509,8 @@ class Pool:
                 except Exception:      # one bad device never stops the pool; it is logged and skipped
                     log.exception("device %s: round failed", d.id)
                     d.done_round = int(self.clock["round"])
-            if now >= next_stats:
-                next_stats = now + STATS_EVERY_S
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + STATS_EVERY_S
                 self.write_stats()
         self.shutdown()
 
