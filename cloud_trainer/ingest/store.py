@@ -108,21 +108,23 @@ class PatchStore:
         this returns, so "ack only after commit" holds for every one of them.
         """
         now_ms = int(time.time() * 1000)
-        stored: list[bool] = []
+        rows = [(p.message_id, p.device_id, p.bundle_version, p.round, p.sample_count, p.timestamp_ms, now_ms,
+                 json.dumps(dict(p.metrics)), bytes(raw)) for p, raw in accepted]
         with self._tx(write=True) as cur:
-            for patch, raw in accepted:
-                cur.execute(
-                    self._sql(self._insert_patch),
-                    (patch.message_id, patch.device_id, patch.bundle_version, patch.round, patch.sample_count,
-                     patch.timestamp_ms, now_ms, json.dumps(dict(patch.metrics)), bytes(raw)),
-                )
-                stored.append(cur.rowcount == 1)
+            stored = self._insert_rows(cur, rows) if rows else []
             for topic, reason, detail, payload in quarantined:
                 cur.execute(
                     self._sql("INSERT INTO quarantine (received_ms, topic, reason, detail, payload) VALUES (?,?,?,?,?)"),
                     (now_ms, topic, reason, detail[:500], bytes(payload[:65536])),
                 )
         return stored
+
+    def _insert_rows(self, cur, rows: list[tuple]) -> list[bool]:
+        out = []
+        for row in rows:
+            cur.execute(self._sql(self._insert_patch), row)
+            out.append(cur.rowcount == 1)
+        return out
 
     def quarantine(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
         with self._tx(write=True) as cur:
@@ -234,6 +236,20 @@ class PostgresPatchStore(PatchStore):
             self._db.execute("SELECT pg_advisory_xact_lock(7217001)")
             for stmt in self._schema():
                 self._db.execute(stmt)
+
+    def _insert_rows(self, cur, rows: list[tuple]) -> list[bool]:
+        # One statement for the batch: a round trip per row would dominate a batched commit.
+        # ON CONFLICT DO NOTHING skips ids already stored and repeats within the batch.
+        values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(rows))
+        cur.execute(self._insert_patch.split(" VALUES ")[0] + f" VALUES {values} ON CONFLICT DO NOTHING"
+                    " RETURNING message_id", [v for row in rows for v in row])
+        new = {bytes(r[0]) for r in cur.fetchall()}
+        out = []
+        for row in rows:
+            mid = bytes(row[0])
+            out.append(mid in new)
+            new.discard(mid)          # a repeat within the batch is a duplicate
+        return out
 
     def _connect(self) -> None:
         self._db = self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
