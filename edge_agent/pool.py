@@ -137,6 +137,18 @@ def val_len(fresh: int, val_frac: float) -> int:
     return min(v, fresh - 1)
 
 
+def peak_rss_mb() -> float | None:
+    """VmHWM of this process. (ru_maxrss is no use here: Linux carries the parent's high-water mark
+    across fork + exec, so a pool spawned by the torch process would report the cloud's memory.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def message_id(device_id: str, bundle_version: str, round_: int) -> bytes:
     return hashlib.sha256(f"{device_id}|{bundle_version}|{round_}".encode()).digest()[:16]
 
@@ -459,7 +471,7 @@ class Pool:
     def write_stats(self) -> None:
         s = dict(self.stats, pool=self.name, pid=os.getpid(), devices=len(self.devices),
                  connected=sum(d.connected for d in self.devices), outbox=sum(d.outbox_rows for d in self.devices),
-                 model_version=self.model_version, maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 model_version=self.model_version, maxrss_mb=peak_rss_mb(),
                  ts=time.time())
         tmp = self.root / f"stats.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(s))
