@@ -25,7 +25,13 @@ install -d -m 0750 "$ROOT/var/lib/dccl" "$ROOT/var/lib/dccl/state" "$ROOT/var/li
   "$ROOT/var/lib/dccl/models/bundles"
 install -m 0644 "$HERE/etc/dccl/agent.json" "$ROOT/etc/dccl/agent.json"
 install -m 0600 "$HERE/etc/dccl/agent.env" "$ROOT/etc/dccl/agent.env"
-[ -f "$HERE/etc/dccl/ca.crt" ] && install -m 0644 "$HERE/etc/dccl/ca.crt" "$ROOT/etc/dccl/ca.crt"
+if [ -f "$HERE/etc/dccl/ca.crt" ]; then
+  install -m 0644 "$HERE/etc/dccl/ca.crt" "$ROOT/etc/dccl/ca.crt"
+  # the agent verifies the broker against the system trust store: add the fleet CA to it
+  install -d "$ROOT/usr/local/share/ca-certificates"
+  install -m 0644 "$HERE/etc/dccl/ca.crt" "$ROOT/usr/local/share/ca-certificates/dccl-fleet.crt"
+  if [ -z "$ROOT" ]; then update-ca-certificates >/dev/null; fi
+fi
 
 # the initial model bundle, as the agent's model-update root keeps it (state.json -> bundles/<version>)
 if [ ! -d "$ROOT/var/lib/dccl/models/bundles/$version" ]; then
