@@ -382,14 +382,23 @@ class Pool:
         self.clock = clock
         resend = set(clock.get("resend", ()))
         for d in self.devices:     # the cloud asks again for a patch it never received: same bytes
-            if d.id in resend and d.done_round >= clock["round"] and (d.dir / "last_patch.bin").exists():
-                raw = (d.dir / "last_patch.bin").read_bytes()
-                ob = d.outbox()
-                if ob.put(raw[4:20], self.topics.patch(d.id), raw, QOS_PATCH) is not None:
-                    self.stats["resent"] = self.stats.get("resent", 0) + 1
-                d.outbox_rows = ob.depth()
-                ob.close()
-                self._flush(d)
+            if d.id not in resend or d.done_round < clock["round"]:
+                continue
+            path = d.dir / "last_patch.bin"
+            raw = path.read_bytes() if path.exists() else b""
+            try:
+                same_round = envelope.decode(raw, b"", verify=False).round == clock["round"]
+            except Exception:
+                same_round = False
+            if not same_round:          # the round never produced a patch (it failed): run it again
+                d.done_round = clock["round"] - 1
+                continue
+            ob = d.outbox()
+            if ob.put(raw[4:20], self.topics.patch(d.id), raw, QOS_PATCH) is not None:
+                self.stats["resent"] = self.stats.get("resent", 0) + 1
+            d.outbox_rows = ob.depth()
+            ob.close()
+            self._flush(d)
         self._schedule()
 
     def _schedule(self) -> None:
