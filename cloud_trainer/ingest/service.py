@@ -105,7 +105,7 @@ class IngestService:
         password: str | None = None,
         metrics: IngestMetrics | None = None,
         follow_fleet: bool = True,
-        max_batch: int = 64,
+        max_batch: int = 256,
         on_commit: CommitHook | None = None,
     ):
         self.broker = parse_broker_url(broker) if isinstance(broker, str) else broker
@@ -321,8 +321,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm-bound", type=float, default=1e3, help="max L2 norm of a tensor (default: 1000)")
     p.add_argument("--max-age", type=float, help="reject patches older than this many seconds (replay window)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--max-batch", type=int, default=64,
-                   help="messages committed per transaction under load, then acknowledged (default: 64)")
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="messages committed per transaction under load, then acknowledged (default: 256)")
     p.add_argument("--tls-ca", help="CA certificate for mqtts://")
     p.add_argument("--password-env", default="DCCL_MQTT_PASSWORD",
                    help="environment variable holding the broker password (default: DCCL_MQTT_PASSWORD)")
