@@ -341,6 +341,7 @@ class Pool:
             ob.close()
             self.stats["patches_acked"] += 1
             d.unrouted_delay = 0.0
+            d.next_heartbeat = min(d.next_heartbeat, time.monotonic() + 0.5)   # the fleet sees the outbox drain
             return
         if d.retry_at is None:
             d.unrouted_delay = min(10.0, max(0.25, d.unrouted_delay * 2))
