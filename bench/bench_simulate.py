@@ -43,7 +43,10 @@ def _print(name: str, res: dict, out: Path) -> None:
 def ml100k(data: str | None, out: Path) -> dict:
     from cloud_trainer.data import load_dataset
 
-    cfg = build_config({"dataset": "ml-100k", "data_path": data, "rounds": 2, "seeds": 1, "strategies": ["dccl"]})
+    # No tuning: the step budget and MoMoDistill settings are the config's (tuning is an offline
+    # cloud choice on validation slices, minutes of cloud CPU that says nothing about the fleet).
+    cfg = build_config({"dataset": "ml-100k", "data_path": data, "rounds": 2, "seeds": 1, "strategies": ["dccl"],
+                        "tune": False})
     ds = load_dataset("ml-100k", cfg.data_path)
     res = Simulation(cfg, ds, out, SimOptions(pools=2)).run()
     report.write(res, out)

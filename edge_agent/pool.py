@@ -496,8 +496,11 @@ class Pool:
         if cur:
             self._load_bundle(cur, self.updater.bundle_path(cur))
         next_misc = next_stats = 0.0
+        parent = os.getppid()
         while not self.stopping:
             now = time.monotonic()
+            if os.getppid() != parent:     # the simulator is gone (killed): do not linger as an orphan
+                break
             for d in self.devices:          # cheap: a float comparison each unless due
                 if not d.connected and now >= d.next_connect:
                     self._connect(d, now)

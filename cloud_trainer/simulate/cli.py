@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -156,6 +157,10 @@ def run(args) -> int:
     pools = args.pools or max(2, math.ceil(n / 2500))
     if pools < 1:
         raise DcclError(f"--pools {pools}: must be >= 1")
+    def terminate(*_):
+        raise KeyboardInterrupt   # SIGTERM: stop the pools and the embedded broker on the way out
+
+    signal.signal(signal.SIGTERM, terminate)
     view = LiveView(enabled=not args.quiet and sys.stderr.isatty()).start()
     out = Path(args.out)
     try:
