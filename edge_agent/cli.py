@@ -7,6 +7,7 @@
     dccl edge train  --config agent.json                           (one local training round)
     dccl edge serve  --config agent.json                           (HTTP endpoint on 127.0.0.1)
     dccl edge status --config agent.json
+    dccl edge run    --config agent.json                           (the long-running MQTT agent)
 
 Results are JSON on stdout. A user error (bad config, bad event, no bundle, no local data) is
 one line on stderr and exit status 2; events that were valid are stored even when others in
@@ -151,17 +152,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from edge_agent.config import load_config
+    from edge_agent.run import EdgeRunner
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    path = args.config or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise DcclError(f"no config: pass --config FILE or set {CONFIG_ENV}")
+    cfg = load_config(path)
+    runner = EdgeRunner(cfg, heartbeat_interval=args.heartbeat_interval, update_tolerance=args.update_tolerance,
+                        train_every=args.train_every, keepalive=args.keepalive)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runner.stop_event.set())
+    runner.start()
+    print(f"dccl edge run: device {cfg.device_id} on {cfg.redacted()['mqtt']['broker']} "
+          f"(prefix {cfg.mqtt.prefix})", flush=True)
+    try:
+        runner.run()
+    finally:
+        runner.stop()
+    print("dccl edge run: stopped", flush=True)
+    return 0
+
+
 SUBCOMMANDS = {
     "ingest": (cmd_ingest, "store this device's events (JSONL file or one event) and/or its profile"),
     "rank": (cmd_rank, "rank candidate items with the personalised model (bundle + current φ)"),
     "train": (cmd_train, "one local training round of φ on the stored events; state saved after"),
     "serve": (cmd_serve, "HTTP endpoint for the on-device app (127.0.0.1 by default)"),
     "status": (cmd_status, "bundle, state, store counts and config (secrets masked) as JSON"),
+    "run": (cmd_run, "long-running agent: MQTT model updates, commands, heartbeats, signed patches after "
+                     "each round; stops cleanly on SIGTERM"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "On-device agent: local store, φ training, ranking, HTTP endpoint."
+    parser.description = "On-device agent: local store, φ training, ranking, HTTP endpoint, MQTT agent loop."
     subs = parser.add_subparsers(dest="edge_command", metavar="SUBCOMMAND", required=True)
     for name, (_, help_text) in SUBCOMMANDS.items():
         p = subs.add_parser(name, help=help_text, description=help_text)
@@ -181,6 +210,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--k", type=int, help="return only the best k")
         elif name == "serve":
             p.add_argument("--port", type=int, help="override http.port (0 = any free port)")
+        elif name == "run":
+            p.add_argument("--heartbeat-interval", type=float, default=30.0, metavar="S",
+                           help="seconds between retained heartbeats (default 30)")
+            p.add_argument("--update-tolerance", type=float, default=0.01, metavar="R",
+                           help="a new bundle may be worse on the local validation slice by this relative "
+                                "amount and still be taken (default 0.01)")
+            p.add_argument("--train-every", type=float, metavar="S",
+                           help="also train (and send a patch) every S seconds (default: only on train_now)")
+            p.add_argument("--keepalive", type=int, default=30, metavar="S",
+                           help="MQTT keepalive; the broker declares the device offline after 1.5x (default 30)")
+            p.add_argument("--log-level", default="INFO")
 
 
 def run(args: argparse.Namespace) -> int:
