@@ -26,7 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("fleet", "status"): ("cloud_trainer.fleet.status", "one-shot fleet table (or JSON): availability + heartbeats"),
     ("fleet", "watch"): ("cloud_trainer.fleet.watch", "live terminal view of the fleet"),
-    ("edge",): ("edge_agent.cli", "on-device agent: edge ingest | rank | train | serve | status"),
+    ("edge",): ("edge_agent.cli", "on-device agent: edge ingest | rank | train | serve | status | run"),
     ("model", "publish"): (
         "cloud_trainer.publish",
         "ship a bundle to the fleet over MQTT: retained chunks, then the retained announcement",
