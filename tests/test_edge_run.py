@@ -5,7 +5,8 @@ One scenario, in order (each step waits on what the device reports over MQTT):
 bundle v1 published -> switched, starting φ from the encoder -> ``train_now`` -> the signed
 patch is stored by ingest -> a bundle that evaluates worse on local data is refused -> a bundle
 whose graph does not load is refused -> an equally good v2 is taken -> ``rollback`` -> v1 again
--> SIGTERM -> retained ``stopped``, exit 0.
+-> another round -> SIGTERM -> retained ``stopped``, exit 0 -> restarted, the last round's patch
+is offered again and the cloud counts it as a duplicate (stored once).
 """
 
 from __future__ import annotations
@@ -154,19 +155,32 @@ def test_edge_run_end_to_end(tmp_path, prefix):
     db = tmp_path / "patches.db"
     open_store(db).close()
     env = dict(os.environ, PYTHONPATH=str(REPO), TEST_DEVICE_KEY=KEY.hex())
+    from tests.mqtt_fixtures import free_port
+    metrics_port = free_port()
     ingest = subprocess.Popen([sys.executable, "-m", "dccl.cli", "cloud", "ingest", "--broker", BROKER,
                                "--store", str(db), "--keys", str(keys), "--spec", str(b1 / "manifest.json"),
-                               "--prefix", prefix, "--client-id", f"ing-{prefix}", "--log-level", "WARNING"],
+                               "--prefix", prefix, "--client-id", f"ing-{prefix}", "--log-level", "WARNING",
+                               "--metrics-port", str(metrics_port)],
                               cwd=REPO, env=env, stdout=open(tmp_path / "ingest.log", "wb"),
                               stderr=subprocess.STDOUT)
     watch = Watch(topics)
-    agent = subprocess.Popen([edge_python(), "-c", AGENT, "edge", "run", "--config", str(cfg),
-                              "--heartbeat-interval", "1", "--keepalive", "5"],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / "agent.log", "wb"),
-                             text=True)
+
+    def start_agent():
+        p = subprocess.Popen([edge_python(), "-c", AGENT, "edge", "run", "--config", str(cfg),
+                              "--heartbeat-interval", "1", "--keepalive", "5"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=open(tmp_path / "agent.log", "ab"), text=True)
+        assert p.stdout.readline().startswith("dccl edge run: device dev-run"), (tmp_path / "agent.log").read_text()
+        return p
+
+    def duplicates() -> float:
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
+        line = [x for x in text.splitlines() if x.startswith('dccl_ingest_messages_total{outcome="duplicate"}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    agent = start_agent()
     store = open_store(db)
     try:
-        assert agent.stdout.readline().startswith("dccl edge run: device dev-run"), (tmp_path / "agent.log").read_text()
         wait_for(lambda: "online" in watch.availability, 10, what="online")
 
         # bundle v1: fetched, checked (nothing to compare with), switched; φ from the encoder
@@ -213,11 +227,28 @@ def test_edge_run_end_to_end(tmp_path, prefix):
         r = watch.report(lambda r: r["kind"] == "command" and r["command"] == "report")
         assert r["result"]["current"] == v1 and r["result"]["outbox_depth"] == 0
 
-        # clean shutdown
+        # round 2 on v1, then a clean shutdown
+        watch.send("train_now")
+        r = watch.report(lambda r: r["kind"] == "command" and r["command"] == "train_now")
+        assert r["ok"] and r["result"]["round"] == 2 and r["result"]["bundle_version"] == v1
+        wait_for(lambda: store.count() == 2, 20, what="second patch stored")
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(20) == 0, (tmp_path / "agent.log").read_text()[-3000:]
         wait_for(lambda: watch.availability[-1:] == ["stopped"], 5, what="retained stopped")
         assert "torch" not in (tmp_path / "agent.log").read_text().lower()
+
+        # restarted: online again on v1 (nothing refetched), the round-2 patch offered again
+        # under the same message id: the cloud counts a duplicate and stores nothing new
+        assert duplicates() == 0
+        agent = start_agent()
+        wait_for(lambda: watch.availability[-1:] == ["online"], 10, what="online after restart")
+        wait_for(lambda: duplicates() == 1, 20, what="re-offered patch counted as a duplicate")
+        assert store.count() == 2
+        watch.send("report")
+        r = watch.report(lambda r: r["kind"] == "command" and r["command"] == "report")
+        assert r["result"]["current"] == v1 and r["result"]["state"]["rounds"] == 2
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
     finally:
         for p in (agent, ingest):
             if p.poll() is None:
