@@ -112,7 +112,7 @@ class _Publisher:
 
 class Simulation:
     def __init__(self, cfg, ds, out: Path, opts: SimOptions):
-        self.cfg, self.ds, self.out, self.opts = cfg, ds, Path(out), opts
+        self.cfg, self.ds, self.out, self.opts = cfg, ds, Path(out).resolve(), opts
         self.counts = Counts()
         self.phases: list[dict] = []
         self.summ: dict[str, list] = {k: [None] * cfg.rounds for k in KEYS}
