@@ -65,9 +65,10 @@ class ExperimentConfig(BaseModel):
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=lambda: MetaPatchConfig(phi_dim=64))
-    device: DeviceTrainConfig = field(default_factory=DeviceTrainConfig)
+    device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.1))
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
-    meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(epochs=4))
+    meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(epochs=4, user_batch=64, inner_lr=0.1,
+                                                                          max_samples_per_user=50))
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
 
     def to_dict(self) -> dict:
@@ -86,6 +87,13 @@ def format_validation_error(exc: pydantic.ValidationError, data: dict) -> str:
         shown = json.dumps(value) if not isinstance(value, dict) else "{...}"
         lines.append(f"{path} = {shown}: {err['msg']}")
     return "; ".join(lines)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def build_config(overrides: dict, file: str | Path | None = None) -> ExperimentConfig:
@@ -108,7 +116,11 @@ def build_config(overrides: dict, file: str | Path | None = None) -> ExperimentC
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DcclError(f"invalid config: {key}: '{p}' is not a section")
         node[leaf] = value
+    # A partial section keeps the experiment's defaults for the fields it does not name.
+    data = _merge(ExperimentConfig().to_dict(), data)
     try:
         return ExperimentConfig.model_validate(data)
     except pydantic.ValidationError as exc:

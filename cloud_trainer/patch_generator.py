@@ -98,7 +98,7 @@ def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             history.append(float(np.mean(losses)) if losses else float("nan"))
             if progress is not None:
                 progress.update(1)

@@ -1,0 +1,143 @@
+"""Evaluation metrics, strategies end to end on tiny synthetic data, and the experiment CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cloud_trainer.config import build_config
+from cloud_trainer.data import build_eval_set, make_split, make_synthetic
+from cloud_trainer.evaluate import paired_ci, per_row, per_user, score_eval_set, summarize
+from cloud_trainer.experiment import run_experiment, write_outputs
+from dccl.errors import DcclError
+
+REPO = Path(__file__).resolve().parents[1]
+DCCL = [sys.executable, "-m", "dccl.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ds():
+    return make_synthetic(n_users=80, n_items=120, seed=3)
+
+
+def test_user_auc_equals_sklearn_per_user(tiny_ds):
+    ev = build_eval_set(tiny_ds, make_split(tiny_ds, rounds=1, seed=1).round(0), n_neg=30, max_len=5, seed=2)
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(tiny_ds.n_users, tiny_ds.n_items + 1))
+    scores = score_eval_set(ev, lambda u, i, h: table[u, i])
+    pu = per_user(ev, scores)
+    for j, u in enumerate(pu["user"]):
+        s = scores[ev.user == u]
+        y = np.zeros_like(s)
+        y[:, 0] = 1
+        assert pu["gauc"][j] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()), abs=1e-12)
+
+
+def test_rank_metrics_on_known_scores():
+    scores = np.array([[5.0, 1, 2, 3], [0.0, 1, 2, 3], [2.5, 1, 2, 3]])
+    rows = per_row(scores)
+    assert rows["row_auc"] == pytest.approx([1.0, 0.0, 2 / 3])
+    assert rows["ndcg@10"][0] == 1.0 and rows["ndcg@10"][1] == pytest.approx(1 / np.log2(5))
+    assert rows["hr@10"].tolist() == [1, 1, 1]
+
+
+def test_score_eval_set_scores_each_distinct_candidate_once(tiny_ds):
+    ev = build_eval_set(tiny_ds, make_split(tiny_ds, rounds=1, seed=1).round(0), n_neg=20, max_len=5, seed=2)
+    calls = []
+
+    def scorer(u, i, h):
+        calls.append(len(u))
+        return (u * 1000 + i).astype(float)
+
+    s = score_eval_set(ev, scorer)
+    assert (s == ev.user[:, None] * 1000 + ev.candidates).all()
+    assert sum(calls) == len({(u, i) for u, row in zip(ev.user, ev.candidates) for i in row})
+
+
+def test_paired_ci():
+    rng = np.random.default_rng(1)
+    up = paired_ci(0.05 + 0.01 * rng.normal(size=300))
+    assert up["ci_low"] > 0.04 and up["ci_high"] < 0.06
+    null = paired_ci(0.01 * rng.normal(size=300))
+    assert null["ci_low"] < 0 < null["ci_high"]
+
+
+def tiny_config(**kw):
+    return build_config({
+        "dataset": "synthetic", "rounds": 2, "seeds": 1, "tune_steps": [0, 2], "tune_momodistill": [{"lam": 0.5, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 2}],
+        "data.synthetic_users": 80, "data.synthetic_items": 120, "data.max_len": 6, "data.eval_negatives": 30,
+        "cloud.emb_dim": 8, "cloud.mlp_hidden": [16, 8], "cloud.attn_hidden": 8, "cloud.pretrain_epochs": 1,
+        "cloud.update_epochs": 1, "metapatch.phi_dim": 8, "meta.epochs": 1, "meta.inner_steps": 2,
+        "momodistill.step1_epochs": 1, **kw})
+
+
+def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
+    cfg = tiny_config()
+    res = run_experiment(cfg, tiny_ds, progress=False)
+    keys = {"stale", "model-over-data", "full-patch", "metapatch", "dccl-start", "dccl", "momodistill", "fedavg-patches"}
+    assert set(res["strategies"]) == keys
+    for key, s in res["strategies"].items():
+        assert len(s["rounds"]) == 2
+        e = s["rounds"][1]
+        assert 0 < e["overall"]["gauc"]["mean"] <= 1 and set(e["groups"]) == {"0", "1", "2", "3", "4"}
+        if key not in ("stale", "model-over-data"):
+            g = s["gain_vs"]["stale"]["overall"]["gauc"]
+            assert g["ci_low"] <= g["mean"] <= g["ci_high"]
+    # Strategies that never update the cloud and never personalise score exactly the stale model.
+    assert res["strategies"]["dccl-start"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
+    assert {c["claim"] for c in res["claims"]} >= {"MoMoDistill beats model-over-data on the same data and epochs"}
+    assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
+    assert res["tuning"]["momodistill"]["chosen"] in ({"lam": 0.5, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 2})
+    write_outputs(res, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["synthetic"] is True and "SYNTHETIC" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "gauc_per_round.png").stat().st_size > 1000
+    assert (tmp_path / "gain_by_activity_group.png").stat().st_size > 1000
+
+
+def test_same_seed_same_results(tiny_ds):
+    cfg = tiny_config(strategies=["stale", "metapatch"], tune=False)
+    a = run_experiment(cfg, tiny_ds, progress=False)["strategies"]
+    b = run_experiment(tiny_config(strategies=["stale", "metapatch"], tune=False), tiny_ds, progress=False)["strategies"]
+    assert a["metapatch"]["rounds"][1]["overall"] == b["metapatch"]["rounds"][1]["overall"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dataset", "netflix"], "invalid choice: 'netflix'"),
+    (["--rounds", "0"], "rounds = 0"),
+    (["--set", "device.lr=-1"], "device.lr"),
+    (["--set", "data.bogus=1"], "data.bogus"),
+    (["--set", "nonsense"], "KEY=VALUE"),
+    (["--dataset", "ml-100k", "--data", "/nonexistent/ml"], "/nonexistent/ml"),
+    (["--config", "/nonexistent.json"], "/nonexistent.json"),
+])
+def test_cli_bad_input_is_one_clear_line(args, needle, tmp_path):
+    p = subprocess.run(DCCL + ["experiment", "--out", str(tmp_path / "o"), "--quiet", *args], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and needle in errors[0], p.stderr  # one line names what is wrong
+
+
+def test_garbled_dataset_file_names_file_and_line(tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    (d / "u.data").write_text("1\t2\t5\t881250949\nthis is not a rating\n")
+    p = subprocess.run(DCCL + ["experiment", "--dataset", "ml-100k", "--data", str(d), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "u.data" in p.stderr
+
+
+def test_config_errors_name_field_and_value():
+    with pytest.raises(DcclError) as e:
+        build_config({"rounds": 0, "data.neg": -1, "metapatch.phi_dim": 0})
+    msg = str(e.value)
+    assert "rounds = 0" in msg and "data.neg = -1" in msg and "phi_dim" in msg
