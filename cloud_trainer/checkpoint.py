@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import io
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import dccl
 from cloud_trainer.models.din import DIN, DINConfig
 from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
 from cloud_trainer.models.metapatch import MetaPatchConfig, MetaPatchModel, get_metapatch_model
+from dccl.atomic import atomic_write
 from dccl.errors import DcclError
 
 FORMAT = "dccl-checkpoint/1"
@@ -38,13 +38,9 @@ def save_checkpoint(path: str | Path, model: MetaPatchModel, encoder: PatchEncod
         "extra": extra or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> tuple[MetaPatchModel, PatchEncoder | None, dict]:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dccl.atomic import atomic_write, fsync_dir
 from dccl.protocol import payloads
 from dccl.protocol.bundle_transfer import MANIFEST, manifest_hashes
 from dccl.protocol.errors import ProtocolError
@@ -40,26 +41,6 @@ log = logging.getLogger("dccl.edge.model")
 CheckHook = Callable[[Path, "Path | None"], bool]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class ModelUpdater:
@@ -139,7 +120,7 @@ class ModelUpdater:
         if saved.exists() and json.loads(saved.read_bytes()) != ann:
             shutil.rmtree(part)          # same version, different content: start over
             part.mkdir(parents=True)
-        _atomic_write(saved, json.dumps(ann).encode())
+        atomic_write(saved, json.dumps(ann).encode())
         self.pending = ann
         self._request_missing()
 
@@ -176,7 +157,7 @@ class ModelUpdater:
             return
         path = self._partial(version) / f"{f}.{c}"
         if not path.exists():
-            _atomic_write(path, data)
+            atomic_write(path, data)
             self.chunks_received += 1
         topic = self.topics.model_chunk(version, f, c)
         if topic in self._wanted:
@@ -217,12 +198,12 @@ class ModelUpdater:
                 if hashlib.sha256((tmp / rel).read_bytes()).hexdigest() != digest:
                     raise ValueError(f"{rel} does not match the manifest")
             for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, key=lambda p: -len(p.parts)):
-                _fsync_dir(d)
+                fsync_dir(d)
             final = self.root / "bundles" / version
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except (OSError, ValueError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             for f in bad:                       # refetch only what was wrong
@@ -255,10 +236,10 @@ class ModelUpdater:
         except Exception as exc:   # the bundle failed to load: stay on the current one
             ok, error = False, f"{type(exc).__name__}: {exc}"
         if not ok:
-            _atomic_write(self.root / "rejected.json", json.dumps(sorted(self._rejected() | {version})).encode())
+            atomic_write(self.root / "rejected.json", json.dumps(sorted(self._rejected() | {version})).encode())
             self._report("rolled_back", version=version, error=error)
             return
-        _atomic_write(self.root / "state.json", json.dumps({"current": version, "previous": old}).encode())
+        atomic_write(self.root / "state.json", json.dumps({"current": version, "previous": old}).encode())
         self._prune(keep={version, old})
         if self.on_switch:
             self.on_switch(version, new_path)
@@ -271,8 +252,8 @@ class ModelUpdater:
         if not prev or not (self.root / "bundles" / prev).exists():
             self._report("rollback_impossible")
             return False
-        _atomic_write(self.root / "state.json", json.dumps({"current": prev, "previous": None}).encode())
-        _atomic_write(self.root / "rejected.json", json.dumps(sorted(self._rejected() | {state["current"]})).encode())
+        atomic_write(self.root / "state.json", json.dumps({"current": prev, "previous": None}).encode())
+        atomic_write(self.root / "rejected.json", json.dumps(sorted(self._rejected() | {state["current"]})).encode())
         if self.on_switch:
             self.on_switch(prev, self.root / "bundles" / prev)
         self._report("rolled_back", version=state["current"], error="rollback command")

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dccl.atomic import atomic_write
 from dccl.errors import DcclError
 
 FORMAT = 1
@@ -68,24 +69,6 @@ class DeviceState:
 def _check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not name or "/" in name or name.startswith("__"):
         raise StateError(f"{kind} name {name!r}: must be a non-empty string without '/' or leading '__'")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")   # per process: `serve` and `train` may overlap
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def encode_state(state: DeviceState) -> bytes:
@@ -220,10 +203,10 @@ class StateStore:
                 decode_state(old)
             except StateError:
                 # Never let a bad current state overwrite the last good one; keep it for inspection.
-                _atomic_write(self.dir / f"state.invalid-{int(time.time())}.npz", old)
+                atomic_write(self.dir / f"state.invalid-{int(time.time())}.npz", old, tag=str(os.getpid()))
                 old = None
         if old is not None:
-            _atomic_write(self.prev_path, old)
-        _atomic_write(self.path, data)
+            atomic_write(self.prev_path, old, tag=str(os.getpid()))
+        atomic_write(self.path, data, tag=str(os.getpid()))
         state.generation, state.saved_at = new.generation, new.saved_at
         return state

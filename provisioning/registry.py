@@ -25,12 +25,12 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dccl.atomic import atomic_write
 from dccl.errors import DcclError
 from dccl.protocol.topics import Topics, check_id
 
@@ -61,17 +61,7 @@ class Changes:
                 self.unchanged.append(label)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, data, mode=mode)
         (self.created if old is None else self.changed).append(label)
 
     def summary(self) -> dict[str, Any]:

@@ -34,10 +34,10 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from dccl.atomic import atomic_write
 from dccl.errors import DcclError
 
 FILE = "manifest.json"
@@ -216,19 +216,7 @@ def write(bundle_dir: str | os.PathLike, manifest: dict) -> Path:
     validate(manifest)
     root = Path(bundle_dir)
     data = json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False).encode()
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=FILE + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / FILE)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return root / FILE
+    return atomic_write(root / FILE, data, mode=0o644)
 
 
 def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
