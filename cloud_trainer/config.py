@@ -61,7 +61,7 @@ class ExperimentConfig(BaseModel):
     tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive).
     tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
-        {"lam": 0.3, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 4}, {"lam": 3.0, "kd_extra": 4}])
+        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 2}, {"lam": 1.0, "kd_extra": 4}, {"lam": 3.0, "kd_extra": 4}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=lambda: MetaPatchConfig(phi_dim=64))

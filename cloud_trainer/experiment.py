@@ -22,7 +22,7 @@ from cloud_trainer.strategies import REGISTRY, FullPatch, start_phi, tune_device
 from dccl.errors import DcclError
 
 KIND = {"stale": "cloud", "model-over-data": "cloud", "full-patch": "device", "metapatch": "device",
-        "dccl-start": "cloud", "dccl": "device", "momodistill": "cloud", "fedavg-patches": "cloud"}
+        "dccl-start": "device", "dccl": "device", "momodistill": "cloud", "fedavg-patches": "cloud"}
 BASELINES = ("stale", "model-over-data")
 CI_METRICS = ("gauc", "ndcg@10", "hr@10")  # per-user metrics: paired over users
 TABLE_METRICS = ("auc", "gauc", "hr@10", "ndcg@10")
@@ -225,10 +225,10 @@ def claims(users, summ, r) -> list[dict]:
 
     have = set(summ)
     out = []
-    if {"dccl", "dccl-start"} <= have:
+    if {"dccl", "momodistill"} <= have:
         out.append(_claim("device models beat the cloud model they started from",
-                          "dccl (device) − dccl-start (its bundle's cloud model), warm users",
-                          paired_ci(_pool_diff(users, "dccl", "dccl-start", "gauc", r))))
+                          "dccl (device) − momodistill (the same bundle's cloud model, zero φ), warm users",
+                          paired_ci(_pool_diff(users, "dccl", "momodistill", "gauc", r))))
     if {"momodistill", "model-over-data"} <= have:
         out.append(_claim("MoMoDistill beats model-over-data on the same data and epochs",
                           "momodistill − model-over-data (cloud), warm users",
@@ -252,10 +252,10 @@ def claims(users, summ, r) -> list[dict]:
         c = _claim("the gain on the tail group is at least the gain on the head group",
                    "(dccl − stale on tail) − (dccl − stale on head); holds if ≥ 0 with CI above zero", stat)
         out.append(c)
-    if {"metapatch", "stale"} <= have:
+    if {"dccl", "momodistill"} <= have:
         out.append(_claim("the encoder's cold-start φ beats a zero φ",
-                          "metapatch (encoder φ) − stale (zero φ, same W_f), cold-start users",
-                          paired_ci(_pool_diff(users, "metapatch", "stale", "gauc", r, lambda a: a["cold"]))))
+                          "dccl (encoder φ after step 2) − momodistill (zero φ, same bundle), cold-start users",
+                          paired_ci(_pool_diff(users, "dccl", "momodistill", "gauc", r, lambda a: a["cold"]))))
     return out
 
 

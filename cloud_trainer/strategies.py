@@ -8,9 +8,9 @@ future window. Keys are the rows of the results table:
   model-over-data  cloud  the fresh windows reach the cloud; it trains on them (CE), same epochs as step 1
   full-patch       device per-user full patch fine-tuning (no meta decomposition) on the fresh window
   metapatch        device MetaPatch: φ from the encoder, trained on-device; the cloud never changes
-  dccl-start       cloud  the bundle the DCCL devices start from this round
-  momodistill      cloud  MoMoDistill step 1 (model over models) after the round
-  dccl             device DCCL devices: MetaPatch on the bundle that MoMoDistill (steps 1 + 2) produced
+  momodistill      cloud  the cloud model after MoMoDistill step 1 (model over models) of the round
+  dccl-start       device the new bundle with each device's encoder φ = g(profile, history, φ_n), no device steps
+  dccl             device DCCL devices: that start φ personalised on-device on the new bundle
   fedavg-patches   cloud  the cloud model patched with the sample-weighted mean of all devices' φ
 """
 
@@ -114,30 +114,32 @@ class MetaPatch(Strategy):
 
 
 class DCCL(Strategy):
-    """Devices personalise φ on the current bundle; the cloud runs MoMoDistill (step 1: W_f over the
-    pooled fresh data and the device models; step 2: Θ and g distilled from the device models)."""
+    """One round: devices personalise φ on the bundle they hold and upload it; the cloud runs
+    MoMoDistill (step 1: W_f over the pooled fresh data and the device models; step 2: Θ and g
+    distilled from the device models) and ships the new bundle; each device starts from
+    g(profile, history, φ_n) on it and personalises on its local data again."""
 
-    name, keys = "dccl", ("dccl-start", "dccl", "momodistill")
+    name, keys = "dccl", ("momodistill", "dccl-start", "dccl")
 
     def setup(self, ctx):
         super().setup(ctx)
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
 
     def run_round(self, ctx, r, report):
-        rd = ctx.rounds[r]
-        report("dccl-start", cloud_scorer(self.model, ctx.ds.profile))
-        phi0 = start_phi(self.encoder, ctx, r, self.phi)
-        self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
-        report("dccl", device_scorer(self.model, ctx.ds.profile, self.phi))
+        rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.device
+        uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
-        m = ctx.cfg.momodistill
         data, hard = with_candidates(rd.fresh, ctx.ds.n_items, m.kd_extra, seed=ctx.seed * 100 + r)
-        teacher = device_logits(self.model, data, self.phi)
+        teacher = device_logits(self.model, data, uploaded)
         step1(self.model, data, teacher, m, seed=ctx.seed * 100 + r, hard_mask=hard)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
-        step2(self.model, self.encoder, rd.fresh, teacher[: len(rd.fresh["item"])], self.phi, ctx.profile, rd.seq, m,
+        step2(self.model, self.encoder, rd.fresh, teacher[: len(rd.fresh["item"])], uploaded, ctx.profile, rd.seq, m,
               seed=ctx.seed * 100 + r)
+        start = start_phi(self.encoder, ctx, r, uploaded)
+        report("dccl-start", device_scorer(self.model, ctx.ds.profile, start))
+        self.phi, _ = personalize_all(self.model, start, rd.fresh_train, rd.val, dev)
+        report("dccl", device_scorer(self.model, ctx.ds.profile, self.phi))
 
 
 class FedAvgPatches(Strategy):
