@@ -59,6 +59,7 @@ class MqttConfig:
     broker: str = "mqtt://127.0.0.1:1883"    # mqtt://[user[:password]@]host[:port] or mqtts://
     prefix: str = "dccl"                      # every topic sits under this prefix
     hmac_key: str | None = None               # hex, >= 16 bytes; signs the device's patches
+    tls_ca: str | None = None                 # CA certificate (PEM) that signed the broker's TLS certificate
 
 
 @dataclass
@@ -292,6 +293,12 @@ def config_from_dict(data: Any, base_dir: str | Path = ".", env: dict[str, str] 
         if isinstance(v, Path) or chk.str_(key, v):
             p = Path(v).expanduser()
             setattr(cfg, key, p if p.is_absolute() else base / p)
+    m = cfg.mqtt
+    if isinstance(m, MqttConfig) and m.tls_ca is not None and chk.str_("mqtt.tls_ca", m.tls_ca):
+        ca = Path(m.tls_ca).expanduser()
+        m.tls_ca = str(ca if ca.is_absolute() else base / ca)
+        if not Path(m.tls_ca).is_file():
+            chk.err("mqtt.tls_ca", m.tls_ca, "no such file")
     if cfg.max_len is not None:
         chk.int_("max_len", cfg.max_len, 1, 10_000)
     _check_sections(cfg, chk)

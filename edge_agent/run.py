@@ -94,7 +94,7 @@ class EdgeRunner:
         config.bundle_dir.mkdir(parents=True, exist_ok=True)
         self.agent = Agent(config)
         self.client = EdgeMqttClient(self.device_id, config.mqtt.broker, config.state_dir / "outbox.sqlite",
-                                     prefix=config.mqtt.prefix, keepalive=keepalive)
+                                     prefix=config.mqtt.prefix, keepalive=keepalive, tls_ca=config.mqtt.tls_ca)
         self.topics = self.client.topics
         self.status = TrainingStatus()
         self.updater = ModelUpdater(config.bundle_dir, self.client, check=self._check_bundle,
