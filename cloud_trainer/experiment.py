@@ -63,12 +63,7 @@ def run(args) -> int:
         overrides["tune"] = False
     overrides.update(_parse_set(args.set))
     cfg = build_config(overrides, args.config)
-    from cloud_trainer.data import load_dataset, make_synthetic
-
-    if cfg.dataset == "synthetic":
-        ds = make_synthetic(n_users=cfg.data.synthetic_users, n_items=cfg.data.synthetic_items, seed=12345)
-    else:
-        ds = load_dataset(cfg.dataset, cfg.data_path)
+    ds = load_data(cfg)
     print(ds.summary(), file=sys.stderr)
     out = Path(args.out)
     results = run_experiment(cfg, ds, progress=not args.quiet)
@@ -76,6 +71,15 @@ def run(args) -> int:
     print(results["table_md"])
     print(f"\nresults: {out / 'results.json'}  report: {out / 'results.md'}", file=sys.stderr)
     return 0
+
+
+def load_data(cfg):
+    """The configured dataset: the built-in synthetic one, or a real one from its path."""
+    from cloud_trainer.data import load_dataset, make_synthetic
+
+    if cfg.dataset == "synthetic":
+        return make_synthetic(n_users=cfg.data.synthetic_users, n_items=cfg.data.synthetic_items, seed=12345)
+    return load_dataset(cfg.dataset, cfg.data_path)
 
 
 def run_experiment(cfg, ds, progress: bool = True) -> dict:

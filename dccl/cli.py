@@ -20,6 +20,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "cloud_trainer.experiment",
         "offline study: every strategy on identical splits and seeds, tables + plots",
     ),
+    ("cloud", "train"): (
+        "cloud_trainer.train_cli",
+        "train the cloud model + patch generator on the pooled cloud history -> checkpoint",
+    ),
     ("cloud", "ingest"): (
         "cloud_trainer.ingest.service",
         "MQTT patches -> validation -> patch store (SQLite / PostgreSQL), acked after commit",

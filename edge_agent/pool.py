@@ -16,8 +16,10 @@ of at most ``SLICE_S`` seconds, so keepalives and PUBACKs keep flowing while dev
 
 A round, per device (the reference is cloud_trainer.strategies.DCCL + personalize_all):
 
-1. the retained simulation clock ``{prefix}/sim/round`` names the round r, its bundle version and
-   the time window [fresh_from, until) of the device's fresh interactions;
+1. the retained simulation clock ``{prefix}/sim/round`` names the training session ("round": a
+   device trains once per session; DCCL has two per data round: on the bundle it holds, then on the
+   one MoMoDistill produced), the data round that seeds the samples, the bundle version and the
+   time window [fresh_from, until) of the device's fresh interactions;
 2. once that bundle is current: φ0 = encoder(profile, last L items before ``until``, φ_prev);
 3. a warm device trains φ with full-batch AdamW for the manifest's ``optimizer.steps`` on its
    fresh window minus the validation slice (its newest ``round(val_frac·F)`` interactions) and
@@ -432,7 +434,8 @@ class Pool:
             seed, neg, L = int(self.cfg["seed"]), int(self.cfg["neg"]), b.max_len
             V = val_len(hi - lo, float(self.cfg["val_frac"]))
             common = dict(user=d.user, neg=neg, max_len=L, n_items=b.n_items, profile=profile)
-            train = ctr_rows(items, lo, hi - V, seed=1000 * seed + 10 * r + 1, **common)
+            dr = int(c.get("data_round", r))  # the data round seeds the samples as in the reference
+            train = ctr_rows(items, lo, hi - V, seed=1000 * seed + 10 * dr + 1, **common)
             n_train = len(train["item"])
             res = tr.train(phi0, train, steps=int(b.manifest["optimizer"]["steps"]))
             phi = res.phi
@@ -440,7 +443,7 @@ class Pool:
             if res.losses:
                 metrics["train_loss"] = res.losses[-1]
             if V > 0:
-                val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * r + 3, **common)
+                val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common)
                 before, after = tr.scorer.loss(phi0, val), tr.scorer.loss(phi, val)
                 metrics.update(val_before=before, val_after=after)
                 if b.manifest["optimizer"].get("keep_if_worse", True) and after > before:

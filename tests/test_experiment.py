@@ -149,3 +149,21 @@ def test_config_errors_name_field_and_value():
         build_config({"rounds": 0, "data.neg": -1, "metapatch.phi_dim": 0})
     msg = str(e.value)
     assert "rounds = 0" in msg and "data.neg = -1" in msg and "phi_dim" in msg
+
+
+def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
+    ckpt = tmp_path / "cloud.pt"
+    tiny = ["--set", "data.synthetic_users=60", "--set", "data.synthetic_items=100", "--set", "meta.epochs=1",
+            "--set", "data.eval_negatives=20",
+            "--set", "cloud.pretrain_epochs=1", "--set", "cloud.emb_dim=8", "--set", "metapatch.phi_dim=8"]
+    p = subprocess.run(DCCL + ["cloud", "train", "--out", str(ckpt), *tiny], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    from cloud_trainer.checkpoint import load_checkpoint
+    model, encoder, meta = load_checkpoint(ckpt)
+    assert encoder is not None and model.phi_dim == 8 and meta["extra"]["dataset"] == "synthetic"
+    p = subprocess.run(DCCL + ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bundle")],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["trainable"] == {"metapatch_phi": {"shape": [1, 8], "dtype": "float32"}}

@@ -9,9 +9,12 @@ Faithfulness tolerance (stated here, asserted below), same data, seed and config
   Runtime vs PyTorch float32);
 - later rounds: φ differences grow where AdamW meets a near-zero gradient (its step is lr·sign(g),
   so float noise in g can flip a coordinate's direction): ≥ 90 % of devices within 1e-3;
-- per-round metrics of dccl-start / dccl / momodistill: |Δ| ≤ 2e-3 overall (AUC, gAUC, HR@10,
-  NDCG@10) and ≤ 1e-2 per activity group and cold-start (populations of a few users).
-  Measured on this test's 30 devices: ≤ 6e-5 overall, ≤ 3e-4 per group.
+- per-round metrics of dccl-start / dccl / momodistill: |Δ| ≤ 2e-3 overall for AUC and gAUC, and
+  for HR@10 / NDCG@10 at most two of the evaluated positives changing rank across the top-10 border
+  (2 / rows; a tiny test's population makes one flip ~1e-2); per activity group and cold-start
+  ≤ 1e-2 or two such flips in that group.
+  Measured on this test's 30 devices (one device training per round): ≤ 6e-5 overall, ≤ 3e-4 per
+  group; with DCCL's two device trainings per round one HR@10 flip (1 / 96) was seen in round 1.
 """
 
 from __future__ import annotations
@@ -93,6 +96,13 @@ def _reference_phis(cfg, ds):
     return phis
 
 
+def tolerance(metric: str, base: float, block: dict) -> float:
+    """The stated bound: `base`, or for the top-10 metrics two rank flips of the block's rows."""
+    if metric in ("hr@10", "ndcg@10") and block.get("rows"):
+        return max(base, 2.0 / block["rows"] + 1e-9)
+    return base
+
+
 def test_simulate_matches_the_in_process_experiment(tmp_path):
     from cloud_trainer.experiment import run_experiment
     from cloud_trainer.simulate.loop import SimOptions, Simulation
@@ -114,17 +124,17 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
             for m in METRICS:
                 d = abs(mine["overall"][m] - theirs["overall"][m]["mean"])
                 worst["overall"] = max(worst["overall"], d)
-                assert d <= 2e-3, (r, key, m, mine["overall"][m], theirs["overall"][m]["mean"])
+                assert d <= tolerance(m, 2e-3, mine["overall"]), (r, key, m, mine["overall"][m], theirs["overall"][m]["mean"])
                 for g in mine["groups"]:
                     a, b = mine["groups"][g][m], theirs["groups"][g][m]["mean"]
                     if np.isfinite(a) or np.isfinite(b):
                         worst["detail"] = max(worst["detail"], abs(a - b))
-                        assert abs(a - b) <= 1e-2, (r, key, g, m, a, b)
+                        assert abs(a - b) <= tolerance(m, 1e-2, mine["groups"][g]), (r, key, g, m, a, b)
                 a, b = mine["cold"][m], theirs["cold"][m]["mean"]
-                assert abs(a - b) <= 1e-2, (r, key, "cold", m, a, b)
+                assert abs(a - b) <= tolerance(m, 1e-2, mine["cold"]), (r, key, "cold", m, a, b)
     print("faithfulness: max |dphi| per round", [float(x.max()) for x in dphi], "worst metric diffs", worst)
     c = res["counts"]
-    n = ds.n_users * cfg.rounds
+    n = ds.n_users * cfg.rounds * 2  # two device trainings per DCCL round
     assert c["stored"] == n and c["patches_made"] == n and not c["rejected"]
 
 
@@ -147,7 +157,7 @@ def test_agent_killed_and_broker_restarted_mid_round_lose_no_patch(tmp_path):
     assert fired and fired[0] < n, f"the faults did not land mid-round: {fired}"
     c = res["counts"]
     assert c["agent_restarts"] == 1 and c["broker_restarts"] == 1
-    assert c["stored"] == n * cfg.rounds, c            # one distinct patch per device and round
+    assert c["stored"] == n * cfg.rounds * 2, c        # one distinct patch per device and training session
     for r in range(cfg.rounds):
         assert res["rounds"][r]["dccl"]["overall"]["users"] > 0
     path = report.write(res, tmp_path / "run")

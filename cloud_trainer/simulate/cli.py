@@ -42,8 +42,7 @@ def subset_users(ds, n: int):
 
 
 def load(args):
-    from cloud_trainer.experiment import _parse_set
-    from cloud_trainer.data import load_dataset, make_synthetic
+    from cloud_trainer.experiment import _parse_set, load_data
 
     overrides = {"dataset": args.dataset, "data_path": args.data, "rounds": args.rounds, "seeds": 1,
                  "strategies": ["dccl"]}
@@ -57,12 +56,9 @@ def load(args):
         overrides["data.synthetic_users"] = 200
     overrides.update(_parse_set(args.set))
     cfg = build_config(overrides, args.config)
-    if cfg.dataset == "synthetic":
-        ds = make_synthetic(n_users=cfg.data.synthetic_users, n_items=cfg.data.synthetic_items, seed=12345)
-    else:
-        ds = load_dataset(cfg.dataset, cfg.data_path)
-        if args.devices is not None:
-            ds = subset_users(ds, args.devices)
+    ds = load_data(cfg)
+    if cfg.dataset != "synthetic" and args.devices is not None:
+        ds = subset_users(ds, args.devices)
     return cfg, ds
 
 

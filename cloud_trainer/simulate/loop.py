@@ -1,8 +1,8 @@
 """The cloud's side of a simulated deployment: one process, real MQTT, real agent processes.
 
 The round is the in-process reference itself: ``cloud_trainer.strategies.DCCL.run_round`` runs
-unchanged, except that its one call to ``personalize_all`` (every device training its φ) is
-served by the fleet: the current W_f, Θ and encoder are exported as a bundle, announced over
+unchanged, except that its calls to ``personalize_all`` (every device training its φ: on the bundle
+it holds, then on the bundle MoMoDistill produced) are served by the fleet: the current W_f, Θ and encoder are exported as a bundle, announced over
 MQTT, the agent pools fetch it, each virtual device trains on-device with ONNX Runtime and
 publishes a signed patch, ingest stores it, and the φ table handed back to the strategy is read
 from the patch store. MoMoDistill step 1 and step 2 then run on it exactly as in
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from dccl.protocol.topics import Topics
 from edge_agent.pool import sim_topic
 
 KEYS = ("dccl-start", "dccl", "momodistill")
-KIND = {"dccl-start": "cloud", "dccl": "device", "momodistill": "cloud"}
+KIND = {"dccl-start": "device", "dccl": "device", "momodistill": "cloud"}
 
 
 @dataclass
@@ -190,7 +189,7 @@ class Simulation:
 
         def devices_personalize(model, phi0, train, val, dcfg, **kw):
             calls.append(1)
-            return self._devices(strategy, r, phi0)
+            return self._devices(strategy, r, len(calls) - 1, phi0)
 
         real = strategies.personalize_all
         strategies.personalize_all = devices_personalize
@@ -198,13 +197,15 @@ class Simulation:
             strategy.run_round(self.ctx, r, self._report(r))
         finally:
             strategies.personalize_all = real
-        if len(calls) != 1:
-            raise RuntimeError(f"the DCCL strategy trained devices {len(calls)} times in round {r}; expected once")
+        self.phi_rounds.append(strategy.phi.numpy().copy())  # each device's φ at the end of the round
+        if len(calls) != 2:
+            raise RuntimeError(f"the DCCL strategy trained devices {len(calls)} times in round {r}; expected twice")
 
-    def _devices(self, strategy, r: int, phi0: torch.Tensor):
-        """Serve personalize_all from the fleet: export, announce, collect one patch per device."""
+    def _devices(self, strategy, r: int, k: int, phi0: torch.Tensor):
+        """Serve personalize_all from the fleet: export, announce, collect one patch per device
+        (k = 0: the bundle the devices hold at the round's start; k = 1: the new bundle)."""
         cfg, fleet, n = self.cfg, self.fleet, self.ds.n_users
-        version = f"r{r}-{self.prefix[-8:]}"
+        version = f"r{r}.{k}-{self.prefix[-8:]}"
         bdir = self.out / "bundles" / version
         with self.phase("cloud: export bundle", r):
             from onnx_export.bundle import write_bundle
@@ -217,7 +218,9 @@ class Simulation:
             self._wait(lambda st: sum(s.get("model_version") == version for s in st) == len(st),
                        "pools to switch to " + version, r)
         lo, hi = fleet.clock.window(r)
-        clock = {"round": r, "bundle_version": version, "fresh_from": lo, "until": hi, "resend": []}
+        # "round" counts the fleet's training sessions (two per round); "data_round" seeds the samples.
+        clock = {"round": 2 * r + k, "data_round": r, "bundle_version": version, "fresh_from": lo, "until": hi,
+                 "resend": []}
         with self.phase("devices: train + upload patches", r, devices=n):
             self.publisher.publish([(sim_topic(self.prefix), json.dumps(clock).encode())])
             latest = self._collect(version, r, clock)
@@ -225,7 +228,6 @@ class Simulation:
         index = [fleet.user_of[d] for d in latest.device_ids]
         (name, table), = latest.tensors.items()
         phi[torch.as_tensor(index)] = torch.from_numpy(table.reshape(len(index), -1))
-        self.phi_rounds.append(phi.numpy().copy())
         kept = sum(int(m.get("kept_previous", 0)) for m in latest.metrics)
         self.counts.kept_previous += kept
         return phi, {"kept_previous": kept}

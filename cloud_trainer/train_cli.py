@@ -1,0 +1,37 @@
+"""`dccl cloud train`: train the cloud model (W_f) and the patch generator (Θ, encoder g) on the
+pooled cloud history, and write a self-describing checkpoint for `dccl export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cloud_trainer.config import DATASETS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="dataset (default: synthetic, built in)")
+    p.add_argument("--data", default=None, help="dataset path (file or folder); default $DCCL_DATA or ../shared/datasets")
+    p.add_argument("--out", required=True, help="checkpoint file to write (e.g. runs/cloud.pt)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
+    p.add_argument("--config", default=None, help="JSON config file (the `dccl experiment` config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set cloud.pretrain_epochs=5 (repeatable)")
+
+
+def run(args) -> int:
+    from cloud_trainer.checkpoint import save_checkpoint
+    from cloud_trainer.context import build_context
+    from cloud_trainer.experiment import _parse_set, load_data
+    from cloud_trainer.config import build_config
+
+    cfg = build_config({"dataset": args.dataset, "data_path": args.data, **_parse_set(args.set)}, args.config)
+    ds = load_data(cfg)
+    print(ds.summary(), file=sys.stderr)
+    ctx = build_context(ds, cfg, args.seed)
+    steps = sum(len(v) for v in ctx.history.values())
+    path = save_checkpoint(args.out, ctx.model, ctx.encoder, step=steps, round=0,
+                           extra={"dataset": ds.name, "synthetic": ds.synthetic, "seed": args.seed,
+                                  "config": cfg.to_dict(), "history": ctx.history, "timings": ctx.timings})
+    print(f"checkpoint: {path}  (next: dccl export --checkpoint {path} --out DIR)")
+    return 0
