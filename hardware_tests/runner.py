@@ -86,7 +86,8 @@ def publish_report(report: dict, broker: str, prefix: str, device_id: str, tls_c
         raise DcclError(f"cannot reach broker {b.host}:{b.port} to publish the report: {exc}") from None
     c.loop_start()
     try:
-        c.publish(topic, payload, qos=QOS_REPORT).wait_for_publish(timeout)
+        # Retained: the board's latest test report stays on the broker for `dccl fleet status`.
+        c.publish(topic, payload, qos=QOS_REPORT, retain=True).wait_for_publish(timeout)
         deadline = time.monotonic() + timeout
         while not acks and time.monotonic() < deadline:
             time.sleep(0.02)

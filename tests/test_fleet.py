@@ -70,3 +70,24 @@ def test_watch_renders_a_table():
 def test_watch_cli_runs_for_a_duration(prefix):
     r = _cli("fleet", "watch", "--broker", BROKER, "--prefix", prefix, "--duration", "0.5", "--refresh", "0.2")
     assert r.returncode == 0, r.stderr
+
+
+def test_fleet_status_shows_the_latest_hil_report(prefix):
+    """A board's retained hardware-in-the-loop report appears in `dccl fleet status`."""
+    from hardware_tests.runner import publish_report
+
+    report = {"passed": False, "arch": "aarch64", "profile": {"name": "pi4"}, "finished": 1.0,
+              "summary": {"passed": 11, "failed": 1, "skipped": 2}, "tests": []}
+    publish_report(report, "mqtt://127.0.0.1:1883", prefix, "pi-kitchen")
+    p = subprocess.run([sys.executable, "-m", "dccl.cli", "fleet", "status", "--prefix", prefix, "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    (row,) = [r for r in json.loads(p.stdout) if r["device"] == "pi-kitchen"]
+    assert row["hil"] == "FAIL 1/12 aarch64"
+    assert row["hil_report"]["profile"] == "pi4" and row["hil_report"]["skipped"] == 2
+    table = subprocess.run([sys.executable, "-m", "dccl.cli", "fleet", "status", "--prefix", prefix],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "FAIL 1/12 aarch64" in table
+    import paho.mqtt.publish as publish
+
+    publish.single(f"{prefix}/device/pi-kitchen/report", payload=None, retain=True, hostname="127.0.0.1", port=1883)

@@ -31,6 +31,7 @@ class DeviceStatus:
     heartbeat: dict[str, Any] = field(default_factory=dict)
     patches_seen: int = 0                  # patch messages seen in this window (watch)
     last_round: int | None = None
+    test_report: dict[str, Any] = field(default_factory=dict)  # latest retained HIL report (summary)
 
 
 class FleetView:
@@ -67,7 +68,8 @@ class FleetView:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             return
-        subs = [(self.topics.all_devices("availability"), 1), (self.topics.all_devices("heartbeat"), 0)]
+        subs = [(self.topics.all_devices("availability"), 1), (self.topics.all_devices("heartbeat"), 0),
+                (self.topics.all_devices("report"), 1)]
         if self._patches:
             subs.append((self.topics.all_devices("patch"), 0))
         client.subscribe(subs)
@@ -85,6 +87,13 @@ class FleetView:
                 elif kind == "heartbeat":
                     d.heartbeat = payloads.load_heartbeat(msg.payload)
                     d.last_seen = d.heartbeat.get("ts")
+                elif kind == "report":
+                    rep = payloads.load_report(msg.payload)
+                    if rep.get("kind") == "hil" and isinstance(rep.get("summary"), dict):
+                        d.test_report = {"passed": bool(rep.get("passed")), "arch": rep.get("arch"),
+                                         "profile": (rep.get("profile") or {}).get("name"),
+                                         **{k: rep["summary"].get(k) for k in ("passed", "failed", "skipped")},
+                                         "ts": rep.get("finished") or rep.get("ts")}
                 elif kind == "patch" and not msg.retain:
                     from dccl.protocol import envelope   # header only, not verified: display
                     p = envelope.decode(msg.payload, b"", verify=False)
@@ -116,6 +125,15 @@ def _fmt(v, spec=""):
     return "-" if v is None else format(v, spec)
 
 
+def _hil(rep: dict[str, Any]) -> str | None:
+    """'pass 14/14 aarch64' / 'FAIL 2/14 x86_64' for the latest hardware-in-the-loop report."""
+    if not rep:
+        return None
+    total = sum(int(rep.get(k) or 0) for k in ("passed", "failed"))
+    word = "FAIL " + str(rep.get("failed")) if rep.get("failed") else "pass " + str(rep.get("passed"))
+    return f"{word}/{total} {rep.get('arch') or '?'}"
+
+
 def rows(devices: list[DeviceStatus], now: float | None = None) -> list[dict[str, Any]]:
     now = now or time.time()
     out = []
@@ -127,6 +145,7 @@ def rows(devices: list[DeviceStatus], now: float | None = None) -> list[dict[str
             "bundle": hb.get("bundle_version"), "round": hb.get("round"),
             "temp_c": hb.get("cpu_temp_c"), "last_loss": hb.get("last_loss"),
             "outbox": hb.get("outbox_depth"), "agent": hb.get("agent_version"),
+            "hil": _hil(d.test_report), "hil_report": d.test_report or None,
         })
     return out
 
@@ -147,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=1))
         return 0
-    cols = ["device", "state", "last_seen_s", "bundle", "round", "temp_c", "last_loss", "outbox", "agent"]
+    cols = ["device", "state", "last_seen_s", "bundle", "round", "temp_c", "last_loss", "outbox", "agent", "hil"]
     cells = [[_fmt(r[c], ".3g" if c == "last_loss" and r[c] is not None else "") for c in cols] for r in table]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
