@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cloud_trainer.train import Batch, bce, fit_cloud, logits, minibatches, size, take
+from cloud_trainer.train import Batch, bce, fit_cloud, logits, minibatches, size, take, trainable_only
 
 
 @dataclass
@@ -66,14 +66,11 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
           user_profile: torch.Tensor, user_seq: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0) -> list[float]:
     theta = list(model.shared_parameters().values())
     params = theta + list(encoder.parameters())
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in theta)]
-    for p in frozen:
-        p.requires_grad_(False)
     opt = torch.optim.Adam(params, lr=cfg.step2_lr)
     gen = torch.Generator().manual_seed(seed)
     soft = torch.sigmoid(teacher)
     history = []
-    try:
+    with trainable_only(model, theta):
         for _ in range(cfg.step2_epochs):
             total = 0.0
             for idx in minibatches(size(data), cfg.batch_size, gen):
@@ -87,7 +84,4 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
                 opt.step()
                 total += float(loss.detach()) * len(idx)
             history.append(total / max(size(data), 1))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return history

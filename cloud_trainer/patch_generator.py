@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cloud_trainer.personalize import per_owner_loss, per_owner_loss_sum
-from cloud_trainer.train import Batch, take
+from cloud_trainer.train import Batch, take, trainable_only
 
 
 @dataclass
@@ -67,13 +67,10 @@ def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch
     users_all = np.array([u for u in range(n_users) if len(sup_groups[u]) and len(qry_groups[u])])
     theta = list(model.shared_parameters().values())
     params = theta + list(encoder.parameters())
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in theta)]
-    for p in frozen:
-        p.requires_grad_(False)
     opt = torch.optim.Adam(params, lr=cfg.outer_lr)
     history = []
     model.train()
-    try:
+    with trainable_only(model, theta):
         for _ in range(cfg.epochs):
             rng.shuffle(users_all)
             losses = []
@@ -102,9 +99,6 @@ def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch
             history.append(float(np.mean(losses)) if losses else float("nan"))
             if progress is not None:
                 progress.update(1)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return history
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cloud_trainer.train import Batch, take
+from cloud_trainer.train import Batch, take, trainable_only
 
 
 @dataclass
@@ -73,34 +73,28 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
     opt = _adamw(phi, cfg)
     was_training = model.training
     model.eval()  # no dropout/batch-norm in the models; eval keeps it explicit
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     n = int(train["item"].shape[0])
     counts = torch.zeros(U).index_add(0, train["owner"], torch.ones(n)).clamp(min=1.0)
-    for step in range(1, cfg.steps + 1):
-        opt.zero_grad(set_to_none=True)
-        # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
-        for start in range(0, n, chunk):
-            part = take(train, slice(start, start + chunk))
-            per = per_owner_loss_sum(model, part, phi, counts)
-            per.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step, phi.detach())
     info: dict = {}
-    phi_out = phi.detach()
-    if val is not None and cfg.keep_if_worse:
-        with torch.no_grad():
-            before = per_owner_loss(model, val, phi0, U)
-            after = per_owner_loss(model, val, phi_out, U)
-        has_val = torch.zeros(U, dtype=torch.bool)
-        has_val[val["owner"]] = True
-        worse = has_val & (after > before)
-        phi_out = torch.where(worse.unsqueeze(1), phi0, phi_out)
-        info["kept_previous"] = int(worse.sum())
-    for p in frozen:
-        p.requires_grad_(True)
+    with trainable_only(model):
+        for step in range(1, cfg.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
+            for start in range(0, n, chunk):
+                per_owner_loss_sum(model, take(train, slice(start, start + chunk)), phi, counts).backward()
+            opt.step()
+            if on_step is not None:
+                on_step(step, phi.detach())
+        phi_out = phi.detach()
+        if val is not None and cfg.keep_if_worse:
+            with torch.no_grad():
+                before = per_owner_loss(model, val, phi0, U)
+                after = per_owner_loss(model, val, phi_out, U)
+            has_val = torch.zeros(U, dtype=torch.bool)
+            has_val[val["owner"]] = True
+            worse = has_val & (after > before)
+            phi_out = torch.where(worse.unsqueeze(1), phi0, phi_out)
+            info["kept_previous"] = int(worse.sum())
     model.train(was_training)
     return phi_out, info
 

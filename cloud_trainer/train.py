@@ -6,13 +6,29 @@ the index of the sample's device (its row in a φ table).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 Batch = dict[str, torch.Tensor]
+
+
+@contextmanager
+def trainable_only(model: torch.nn.Module, params: Iterable[torch.nn.Parameter] = ()):
+    """Within the block only `params` of `model` require gradients (e.g. Θ for step 2, nothing for
+    device training, where φ is a separate tensor); the previous flags come back afterwards."""
+    keep = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def make_batch(user, item, hist, label, profile_table: np.ndarray) -> Batch:
