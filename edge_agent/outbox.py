@@ -7,11 +7,12 @@ id) is UNIQUE, so enqueuing the same patch twice stores it once. WAL journal wit
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from dccl import sqlite_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -37,12 +38,8 @@ class OutboxRow:
 class Outbox:
     def __init__(self, path: str | Path):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = sqlite_wal.connect(self.path)
         self._db.execute(_SCHEMA)
 
     def put(self, message_id: bytes, topic: str, payload: bytes, qos: int = 1) -> int | None:

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from dccl import sqlite_wal
 from dccl.errors import DcclError
 
 KINDS = ("impression", "click", "interaction")
@@ -148,13 +149,9 @@ class Store:
     def __init__(self, path: str | Path, max_rows: int = 100_000, max_age_days: float = 365.0):
         self.path = str(path)
         self.max_rows, self.max_age_days = max_rows, max_age_days
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db = sqlite_wal.connect(self.path)
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise DcclError(f"interaction store {self.path}: cannot open ({exc})") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dccl import sqlite_wal
 from dccl.errors import DcclError
 from dccl.protocol import envelope
 
@@ -186,13 +186,8 @@ class SqlitePatchStore(PatchStore):
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # several ingest processes may share one file: WAL + a generous busy timeout
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = sqlite_wal.connect(self.path)  # several ingest processes may share one file
         for stmt in self._schema():
             self._db.execute(stmt)
 
