@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import queue
 import statistics
 import sys
 import tempfile

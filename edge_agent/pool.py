@@ -64,7 +64,7 @@ from dccl.protocol.topics import OFFLINE, ONLINE, QOS_AVAILABILITY, QOS_HEARTBEA
 from edge_agent.heartbeat import TrainingStatus, collect
 from edge_agent.model_update import ModelUpdater
 from edge_agent.outbox import Outbox
-from edge_agent.state import DeviceState, StateStore
+from edge_agent.state import StateStore
 from edge_agent.store import POSITIVE_KINDS, Store
 from edge_agent.trainer import Encoder, Trainer
 

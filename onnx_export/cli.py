@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from cloud_trainer.personalize import DeviceTrainConfig
     from onnx_export.bundle import write_bundle
 
-    import torch
 
     model, encoder, meta = load_checkpoint(args.checkpoint)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("weight_decay", args.weight_decay))

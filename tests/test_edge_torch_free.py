@@ -12,7 +12,6 @@ import json
 import subprocess
 import textwrap
 
-import pytest
 
 from tests.edge_fixtures import REPO, build_bundle, edge_python
 

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from cloud_trainer.config import build_config
 from cloud_trainer.data import build_eval_set, make_split, make_synthetic
-from cloud_trainer.evaluate import paired_ci, per_row, per_user, score_eval_set, summarize
+from cloud_trainer.evaluate import paired_ci, per_row, per_user, score_eval_set
 from cloud_trainer.experiment import run_experiment, write_outputs
 from dccl.errors import DcclError
 
