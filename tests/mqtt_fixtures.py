@@ -111,6 +111,20 @@ def pg_schema():
         c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """The patch store on SQLite and on PostgreSQL (a schema of its own)."""
+    from cloud_trainer.ingest import open_store
+
+    if request.param == "sqlite":
+        s = open_store(tmp_path / "patches.db")
+    else:
+        url, schema = request.getfixturevalue("pg_schema")
+        s = open_store(url, schema=schema)
+    yield s
+    s.close()
+
+
 # ---- devices ----------------------------------------------------------------------
 def device_key(device_id: str) -> bytes:
     return ("key-" + device_id).encode().ljust(32, b"\0")

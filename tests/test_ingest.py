@@ -17,7 +17,7 @@ from cloud_trainer.ingest.validate import Validator, load_spec
 from dccl.protocol import envelope
 from dccl.protocol.topics import Topics
 from tests.mqtt_fixtures import (  # noqa: F401  (fixtures)
-    BROKER, REPO, Mosquitto, device_key, make_patch, own_broker, pg_schema, prefix, wait_for, write_keys,
+    BROKER, REPO, Mosquitto, device_key, make_patch, own_broker, pg_schema, prefix, store, wait_for, write_keys,
 )
 
 SPEC = {"metapatch_phi": ((64,), "float32")}
@@ -37,17 +37,6 @@ def publish_all(c: mqtt.Client, items: list[tuple[str, bytes]]) -> None:
 
 
 # ---- store ---------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = open_store(tmp_path / "patches.db")
-    else:
-        url, schema = request.getfixturevalue("pg_schema")
-        s = open_store(url, schema=schema)
-    yield s
-    s.close()
-
-
 def test_store_is_idempotent_and_returns_latest_phi_per_device(store):
     p1, raw1 = make_patch("dev-a", round_=1, seed=1)
     p2, raw2 = make_patch("dev-a", round_=2, seed=2)

@@ -8,18 +8,7 @@ from cloud_trainer.ingest.service import IngestService
 from cloud_trainer.ingest.store import open_store
 from cloud_trainer.ingest.validate import Validator, load_spec
 from dccl.protocol.topics import Topics
-from tests.mqtt_fixtures import device_key, make_patch, pg_schema  # noqa: F401  (fixture)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = open_store(tmp_path / "patches.db")
-    else:
-        url, schema = request.getfixturevalue("pg_schema")
-        s = open_store(url, schema=schema)
-    yield s
-    s.close()
+from tests.mqtt_fixtures import device_key, make_patch, pg_schema, store  # noqa: F401  (fixtures)
 
 
 def test_write_batch_stores_once_and_reports_duplicates(store):
