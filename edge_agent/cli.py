@@ -44,14 +44,19 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
-def _agent(args: argparse.Namespace):
-    from edge_agent.agent import Agent
+def _load_config(args: argparse.Namespace):
     from edge_agent.config import load_config
 
     path = args.config or os.environ.get(CONFIG_ENV)
     if not path:
         raise DcclError(f"no config: pass --config FILE or set {CONFIG_ENV}")
-    return Agent(load_config(path))
+    return load_config(path)
+
+
+def _agent(args: argparse.Namespace):
+    from edge_agent.agent import Agent
+
+    return Agent(_load_config(args))
 
 
 def _read_jsonl(path: str) -> tuple[list[Any], list[tuple[int, str]]]:
@@ -155,14 +160,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
-    from edge_agent.config import load_config
     from edge_agent.run import EdgeRunner
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    path = args.config or os.environ.get(CONFIG_ENV)
-    if not path:
-        raise DcclError(f"no config: pass --config FILE or set {CONFIG_ENV}")
-    cfg = load_config(path)
+    cfg = _load_config(args)
     runner = EdgeRunner(cfg, heartbeat_interval=args.heartbeat_interval, update_tolerance=args.update_tolerance,
                         train_every=args.train_every, keepalive=args.keepalive)
     for sig in (signal.SIGTERM, signal.SIGINT):
