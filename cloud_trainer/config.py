@@ -67,8 +67,7 @@ class ExperimentConfig(BaseModel):
     metapatch: MetaPatchConfig = field(default_factory=lambda: MetaPatchConfig(phi_dim=64))
     device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.1))
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
-    meta: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(epochs=4, user_batch=64, inner_lr=0.1,
-                                                                          max_samples_per_user=50))
+    meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
 
     def to_dict(self) -> dict:

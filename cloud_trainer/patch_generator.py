@@ -21,12 +21,12 @@ from cloud_trainer.train import Batch, take, trainable_only
 
 @dataclass
 class MetaTrainConfig:
-    epochs: int = 2
-    user_batch: int = 128
+    epochs: int = 4
+    user_batch: int = 64
     inner_steps: int = 5
-    inner_lr: float = 0.05
+    inner_lr: float = 0.1  # the device's AdamW learning rate (DCCL's experiment default)
     outer_lr: float = 3e-3
-    max_samples_per_user: int = 100  # support / query samples drawn per user per step (cost bound)
+    max_samples_per_user: int = 50  # support / query samples drawn per user per step (cost bound)
     cold_weight: float = 0.5  # weight of the un-adapted (cold-start) query loss
 
     def to_dict(self) -> dict:
