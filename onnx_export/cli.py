@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="cloud checkpoint (.pt) from the trainer")
     parser.add_argument("--out", required=True, type=Path, help="bundle directory to create (must not exist or be empty)")
     parser.add_argument("--version", help="bundle version (default: r<round>-s<step>-<first 8 hex of the checkpoint sha256>)")
-    parser.add_argument("--steps", type=int, help="on-device AdamW steps per round (default: DeviceTrainConfig.steps)")
-    parser.add_argument("--lr", type=float, help="on-device learning rate (default: DeviceTrainConfig.lr)")
+    parser.add_argument("--steps", type=int, help="on-device AdamW steps per round (default: the checkpoint's device config, else DeviceTrainConfig)")
+    parser.add_argument("--lr", type=float, help="on-device learning rate (default: the checkpoint's device config, else DeviceTrainConfig)")
     parser.add_argument("--weight-decay", type=float, help="on-device AdamW weight decay (default: DeviceTrainConfig)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out directory")
 
@@ -38,12 +38,14 @@ def run(args: argparse.Namespace) -> int:
     from cloud_trainer.personalize import DeviceTrainConfig
     from onnx_export.bundle import write_bundle
 
-
     model, encoder, meta = load_checkpoint(args.checkpoint)
+    # The device training settings the checkpoint was trained for (`dccl cloud train` records its config),
+    # then the command line's overrides.
+    trained_for = ((meta.get("extra") or {}).get("config") or {}).get("device") or {}
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("weight_decay", args.weight_decay))
                  if v is not None}
     try:
-        cfg = DeviceTrainConfig(**overrides)
+        cfg = DeviceTrainConfig(**{**trained_for, **overrides})
     except ValueError as exc:
         raise DcclError(str(exc)) from None
     digest = _sha256(args.checkpoint)

@@ -170,3 +170,5 @@ def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
     assert p.returncode == 0, p.stderr
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["trainable"] == {"metapatch_phi": {"shape": [1, 8], "dtype": "float32"}}
+    # The bundle carries the device training settings the checkpoint was trained for (experiment config).
+    assert manifest["optimizer"]["lr"] == pytest.approx(0.1)
