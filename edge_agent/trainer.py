@@ -448,7 +448,8 @@ class Trainer:
         out = {}
         grad = self.gradient(phi0, batch)
         out["grad"] = float(np.max(np.abs(grad - np.asarray(ref["grad0"], np.float32))))
-        res = self.train(phi0, [batch] * ref["steps"], steps=ref["steps"])
+        # Older manifests ran the reference at the bundle's own rate (no "lr" key).
+        res = self.train(phi0, [batch] * ref["steps"], steps=ref["steps"], lr=ref.get("lr"))
         out["phi"] = float(np.max(np.abs(res.phi - np.asarray(ref["phi_after"], np.float32))))
         out["loss"] = float(np.max(np.abs(np.asarray(res.losses) - np.asarray(ref["losses"]))))
         logits = self.scorer.score(phi0, batch["item"], batch["hist"], batch["profile"])

@@ -56,6 +56,9 @@ def test_layout_and_manifest(bundle):
     assert {"torch", "onnx", "onnxruntime-training-cpu", "numpy", "python"} <= set(m["versions"])
     ref = m["reference"]
     assert ref["steps"] >= 1 and np.abs(np.subtract(ref["phi_after"], ref["phi0"])).max() > 0
+    # The reference runs at min(lr, 0.01): at a device's 0.1, AdamW amplifies float32 rounding in
+    # near-zero gradient components past the tolerance (a simulate round failed that way).
+    assert ref["lr"] == 0.01
     assert m["source"]["encoder_trained"] is False
 
 

@@ -21,8 +21,9 @@ Keys (``manifest_version`` 1)::
   loss              {"name": "bce_with_logits", "formula": str}
   optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse"}
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
-  reference         {"batch": {...lists}, "phi0", "steps", "phi_after", "losses", "grad0", "logits0",
-                     "tolerance": {"phi", "grad", "logit"}}
+  reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
+                     "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
+                     absent in older manifests, which ran it at optimizer.lr)
   source            {"checkpoint_sha256", "step", "round"}
   versions          {package: version}
 """
@@ -168,6 +169,9 @@ def validate(obj: Any) -> dict:
         for key in ("batch", "phi0", "phi_after", "losses", "grad0", "logits0", "tolerance"):
             _need(ref, key, (dict, list), "reference.")
         _need(ref, "steps", int, "reference.")
+        if "lr" in ref and not (isinstance(ref["lr"], (int, float)) and not isinstance(ref["lr"], bool)
+                                and ref["lr"] > 0):
+            raise ManifestError("reference.lr", f"{ref['lr']!r} must be a number > 0")
     return obj
 
 
