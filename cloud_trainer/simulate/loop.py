@@ -3,7 +3,7 @@
 The round is the in-process reference itself: ``cloud_trainer.strategies.DCCL.run_round`` runs
 unchanged, except that its calls to ``personalize_all`` (every device training its φ: on the bundle
 it holds, then on the bundle MoMoDistill produced) are served by the fleet: the current W_f, Θ and encoder are exported as a bundle, announced over
-MQTT, the agent pools fetch it, each virtual device trains on-device with ONNX Runtime and
+MQTT with ``publish_bundle`` (what ``dccl model publish`` runs), the agent pools fetch it, each virtual device trains on-device with ONNX Runtime and
 publishes a signed patch, ingest stores it, and the φ table handed back to the strategy is read
 from the patch store. MoMoDistill step 1 and step 2 then run on it exactly as in
 ``dccl experiment``. Device-model metrics are computed by the cloud from the uploaded φ on the
@@ -35,7 +35,6 @@ from cloud_trainer.simulate.broker import EmbeddedBroker
 from cloud_trainer.simulate.fleet import Fleet
 from dccl.errors import DcclError
 from dccl.protocol.broker import parse_broker_url
-from dccl.protocol.bundle_transfer import bundle_messages
 from dccl.protocol.topics import Topics
 from edge_agent.pool import sim_topic
 
@@ -70,10 +69,12 @@ class Counts:
     agent_restarts: int = 0
     broker_restarts: int = 0
     kept_previous: int = 0
+    publish_retries: int = 0
 
 
 class _Publisher:
-    """Retained cloud -> device messages (bundle chunks, announcement, clock), acked by the broker."""
+    """The simulation's clock (retained ``{prefix}/sim/round``), acked by the broker; kept
+    connected across broker restarts. Bundles go out through ``publish_bundle``."""
 
     def __init__(self, url: str, client_id: str):
         b = parse_broker_url(url)
@@ -154,7 +155,7 @@ class Simulation:
             with self.phase("broker"):
                 if self.opts.broker is None:
                     self.broker = EmbeddedBroker(out / "broker").start()
-                url = self.opts.broker or self.broker.url
+                url = self.url = self.opts.broker or self.broker.url
             with self.phase("cloud: pretrain + meta-train"):
                 torch.set_num_threads(max(1, torch.get_num_threads()))
                 self.ctx = build_context(ds, cfg, self.opts.seed)
@@ -213,8 +214,7 @@ class Simulation:
                                     source={"simulate": self.prefix, "round": r}, overwrite=True)
             self.validator.spec = load_spec(manifest["trainable"])
         with self.phase("bundle -> devices (MQTT)", r, devices=n):
-            announce, chunks = bundle_messages(bdir, version, self.topics)
-            self.publisher.publish(chunks + [announce])
+            self._publish_bundle(bdir, version)
             self._wait(lambda st: sum(s.get("model_version") == version for s in st) == len(st),
                        "pools to switch to " + version, r)
         lo, hi = fleet.clock.window(r)
@@ -231,6 +231,23 @@ class Simulation:
         kept = sum(int(m.get("kept_previous", 0)) for m in latest.metrics)
         self.counts.kept_previous += kept
         return phi, {"kept_previous": kept}
+
+    def _publish_bundle(self, bdir: Path, version: str) -> None:
+        """What `dccl model publish` does (verify, chunks, announcement, clear the previous
+        bundle's chunks), retried while the broker is restarting: every message is retained and
+        idempotent, so a retry after a lost connection republishes the same bytes."""
+        from cloud_trainer.publish import publish_bundle
+
+        deadline = time.monotonic() + 120.0
+        while True:
+            try:
+                publish_bundle(bdir, self.url, self.prefix, version=version, timeout=30.0)
+                return
+            except DcclError as exc:
+                if time.monotonic() > deadline:
+                    raise DcclError(f"publishing bundle {version}: {exc}") from None
+                self.counts.publish_retries += 1
+                time.sleep(1.0)
 
     def _wait(self, done, what: str, r: int, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.opts.round_timeout_s)

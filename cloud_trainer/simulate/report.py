@@ -43,6 +43,7 @@ def counts_table(results: dict) -> str:
     rows += [("offered again after 'no subscriber'", c["unrouted_retries"]),
              ("patches re-requested by the cloud", c["resend_requests"]), ("device reconnects", c["reconnects"]),
              ("agent processes restarted", c["agent_restarts"]), ("broker restarts", c["broker_restarts"]),
+             ("bundle publishes retried (broker away)", c.get("publish_retries", 0)),
              ("devices that kept their previous φ", c["kept_previous"])]
     return "\n".join(["| what | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
