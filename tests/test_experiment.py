@@ -172,3 +172,7 @@ def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
     assert manifest["trainable"] == {"metapatch_phi": {"shape": [1, 8], "dtype": "float32"}}
     # The bundle carries the device training settings the checkpoint was trained for (experiment config).
     assert manifest["optimizer"]["lr"] == pytest.approx(0.1)
+    # ... with the step budget chosen on the validation slices, not the config's untuned 20.
+    tuned = meta["extra"]["tuning"]["device.steps"]
+    assert tuned["chosen"] in tuned["val_gauc"] or str(tuned["chosen"]) in tuned["val_gauc"]
+    assert manifest["optimizer"]["steps"] == tuned["chosen"] == meta["extra"]["config"]["device"]["steps"]
