@@ -50,6 +50,37 @@ def test_batched_and_single_device_paths_agree_and_zero_phi_is_identity(targets,
     assert torch.equal(m(b["item"], b["hist"], b["profile"]), m.forward_unpatched(b["item"], b["hist"], b["profile"]))
 
 
+@pytest.mark.parametrize("targets,cacheable", [(("mlp.0", "mlp.2"), True), (("mlp.2",), True),
+                                               (("attention.key", "mlp.0"), False), (("attention.key",), False)])
+@pytest.mark.parametrize("full", [False, True])
+def test_trunk_head_split(targets, cacheable, full):
+    """head(features(x), φ) is the patched model, and the trunk features do not move with φ, exactly
+    when every patch sits in the MLP; otherwise features() refuses (it would need φ)."""
+    from cloud_trainer.models.metapatch import features_cacheable
+
+    cfg = MetaPatchConfig(target_modules=targets, phi_dim=6, bottleneck=2, full=full, theta_init_std=0.3)
+    assert features_cacheable(cfg) is cacheable
+    m = tiny(cfg)
+    assert m.cacheable is cacheable
+    b = batch(40)
+    x = m.base.features(b["item"], b["hist"], b["profile"])
+    assert x.shape == (40, m.base.feature_dim)
+    assert torch.equal(m.base.head(x), m.forward_unpatched(b["item"], b["hist"], b["profile"]))
+    phi = torch.randn(1, m.phi_dim)
+    patched = m(b["item"], b["hist"], b["profile"], phi=phi)
+    if cacheable:
+        feats = m.features(b["item"], b["hist"], b["profile"])
+        assert torch.equal(feats, x)
+        assert torch.allclose(m.head(feats, phi), patched, atol=1e-6)
+        many = phi.expand(40, -1).contiguous()
+        assert torch.allclose(m.head(feats, many), m(b["item"], b["hist"], b["profile"], phi=many), atol=1e-6)
+    else:
+        with pytest.raises(ValueError, match="outside the head"):
+            m.features(b["item"], b["hist"], b["profile"])
+        # The unpatched trunk is not what the patched model computes (why this config cannot cache).
+        assert (m.head(x, phi) - patched).abs().max() > 1e-5
+
+
 def test_trainable_parameters_are_found_structurally():
     m = tiny()
     assert list(m.device_trainable()) == ["metapatch_phi"]

@@ -3,6 +3,11 @@
 Inputs (names shared with the ONNX models): item [B], hist [B, L], profile [B, P]. Output: logit [B].
 Item attributes (genres, brand, category) are catalogue knowledge, so they live in a buffer here
 rather than in every sample.
+
+The model is a trunk and a head: ``features(item, hist, profile) -> x [B, F]`` (item table lookup,
+target attention, profile embeddings, concatenated) and ``head(x) -> logit`` (the prediction MLP,
+the submodule named ``HEAD``); ``forward = head ∘ features``. When a device's patches sit only in
+the head, a device computes x once per sample and trains on it (``MetaPatchModel.cacheable``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class TargetAttention(nn.Module):
 
 
 class DIN(nn.Module):
+    HEAD = "mlp"  # the submodule that maps the trunk features x to the logit
+
     def __init__(self, config: DINConfig, item_attrs: torch.Tensor):
         super().__init__()
         self.config = config
@@ -89,7 +96,13 @@ class DIN(nn.Module):
         attr = (self.attr_emb(self.item_attrs) * amask).sum(1) / amask.sum(1).clamp(min=1.0)  # (I+1, d)
         return torch.cat([self.item_emb.weight, attr], dim=-1)
 
-    def forward(self, item: torch.Tensor, hist: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_dim(self) -> int:
+        """F: width of the trunk features x (the MLP's input)."""
+        return 3 * 2 * self.config.emb_dim + self.config.profile_dim * len(self.config.profile_vocab)
+
+    def features(self, item: torch.Tensor, hist: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        """The trunk: x (B, F) = [target ; interest ; target * interest ; profile embeddings]."""
         table = self.item_table()
         target = table[item]  # (B, D)
         keys = table[hist]  # (B, L, D)
@@ -97,4 +110,11 @@ class DIN(nn.Module):
         interest = self.attention(target, keys, mask)  # (B, D)
         parts = [target, interest, target * interest]
         parts += [emb(profile[:, j]) for j, emb in enumerate(self.profile_emb)]
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        return torch.cat(parts, dim=-1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The prediction MLP: x (B, F) -> logit (B,)."""
+        return self.mlp(x).squeeze(-1)
+
+    def forward(self, item: torch.Tensor, hist: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(item, hist, profile))  # (B,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PREFIX = "metapatch_"  # every device-trainable parameter's name starts with this
+HEAD = "mlp"  # the base model's prediction head (``DIN.HEAD``): it alone reads the trunk features
 
 
 @dataclass
@@ -31,3 +32,11 @@ class MetaPatchConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def features_cacheable(config: MetaPatchConfig, head: str = HEAD) -> bool:
+    """True when every patch sits inside the base model's ``head`` module: then nothing before the
+    head depends on φ, so a device may compute the trunk features x once per sample and train φ on
+    x alone (forward, backward and AdamW of the head only). A patch elsewhere (e.g.
+    ``attention.key``) makes the trunk depend on φ: such a bundle keeps the raw-input train graphs."""
+    return all(name == head or name.startswith(head + ".") for name in config.target_modules)

@@ -2,6 +2,10 @@
 
 The device-trainable parameters are found structurally (names starting with PREFIX), never by
 hand-written lists; ``patch_state_dict`` / ``load_patch_state_dict`` move only the small thing.
+
+When every patch sits in the base model's head (``cacheable``), the model splits into
+``features(item, hist, profile) -> x`` (independent of φ) and ``head(x, phi) -> logit``, and
+``head(features(...), phi) == forward(..., phi)``.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cloud_trainer.models.metapatch.config import PREFIX, MetaPatchConfig
+from cloud_trainer.models.metapatch.config import HEAD, PREFIX, MetaPatchConfig, features_cacheable
 from cloud_trainer.models.metapatch.layer import MetaPatchLayer
 
 
@@ -55,6 +59,36 @@ class MetaPatchModel(nn.Module):
 
     def forward_unpatched(self, item, hist, profile) -> torch.Tensor:
         return self.base(item, hist, profile)
+
+    # -- the trunk / head split (frozen-backbone feature cache) ------------------------------
+    @property
+    def cacheable(self) -> bool:
+        """Every patch is inside the base model's head: the trunk features do not depend on φ."""
+        return features_cacheable(self.config, getattr(self.base, "HEAD", HEAD))
+
+    @property
+    def head_prefix(self) -> str:
+        """State-dict prefix of everything ``head`` reads (the head module, its patches, Θ)."""
+        return f"base.{getattr(self.base, 'HEAD', HEAD)}."
+
+    def features(self, item, hist, profile) -> torch.Tensor:
+        """The trunk features x (B, F); they do not depend on φ (only for a ``cacheable`` config)."""
+        if not self.cacheable:
+            raise ValueError(f"metapatch.target_modules {list(self.config.target_modules)}: a patch outside the "
+                             "head makes the trunk features depend on φ; they cannot be computed without it")
+        return self.base.features(item, hist, profile)
+
+    def head(self, features: torch.Tensor, phi: torch.Tensor | None = None) -> torch.Tensor:
+        """logit (B,) from the trunk features x (B, F) with the head's patches under ``phi``
+        (None = this model's own φ; (1, m) or (B, m) as in ``forward``)."""
+        phi = self.metapatch_phi if phi is None else phi
+        for layer in self.patch_layers:
+            layer.set_phi(phi)
+        try:
+            return self.base.head(features)
+        finally:
+            for layer in self.patch_layers:
+                layer.set_phi(None)
 
     # -- structural parameter groups -------------------------------------------------------
     def device_trainable(self) -> dict[str, nn.Parameter]:
