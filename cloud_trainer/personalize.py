@@ -25,6 +25,11 @@ class DeviceTrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     keep_if_worse: bool = True  # keep the starting φ when the local validation loss got worse
+    # A device with no validation slice (too few fresh interactions to hold any out) has no evidence
+    # that a trained φ is better than the one it started from: it keeps the starting φ. (On Amazon
+    # Beauty most devices hold one fresh positive; trained blind they fell 0.012 gAUC below the model
+    # they started from.)
+    require_val: bool = True
 
     def __post_init__(self):
         if self.steps < 0:
@@ -86,15 +91,20 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
             if on_step is not None:
                 on_step(step, phi.detach())
         phi_out = phi.detach()
-        if val is not None and cfg.keep_if_worse:
-            with torch.no_grad():
-                before = per_owner_loss(model, val, phi0, U)
-                after = per_owner_loss(model, val, phi_out, U)
+        if val is not None and (cfg.keep_if_worse or cfg.require_val):
             has_val = torch.zeros(U, dtype=torch.bool)
             has_val[val["owner"]] = True
-            worse = has_val & (after > before)
-            phi_out = torch.where(worse.unsqueeze(1), phi0, phi_out)
-            info["kept_previous"] = int(worse.sum())
+            keep = torch.zeros(U, dtype=torch.bool)
+            if cfg.keep_if_worse:
+                with torch.no_grad():
+                    before = per_owner_loss(model, val, phi0, U)
+                    after = per_owner_loss(model, val, phi_out, U)
+                keep |= has_val & (after > before)
+            if cfg.require_val:
+                keep |= ~has_val
+                info["no_val"] = int((~has_val).sum())
+            phi_out = torch.where(keep.unsqueeze(1), phi0, phi_out)
+            info["kept_previous"] = int(keep.sum())
     model.train(was_training)
     return phi_out, info
 

@@ -61,6 +61,7 @@ class BundleInfo:
     max_len: int
     profile_vocab: tuple[int, ...]
     trainable: dict[str, tuple[int, ...]]     # name -> shape (all float32)
+    require_val: bool = False                 # manifest optimizer.require_val: no val slice -> no training
 
 
 class Model(Protocol):
@@ -242,6 +243,13 @@ class Agent:
                 vocab = np.array(info.profile_vocab, dtype=np.int64)
                 for s in (arrays.train, arrays.val):
                     s.profile = np.where(s.profile < vocab, s.profile, 0)
+            if info.require_val and not len(arrays.val):
+                # The bundle's rule (as in the cloud's reference): without a validation slice there is
+                # no evidence a trained φ beats the current one, so nothing is trained or saved.
+                return {"round": state.rounds, "bundle_version": info.version, "steps": 0,
+                        "skipped": f"no validation slice ({arrays.n_positives} positives; val_frac "
+                                   f"{t.val_frac:g} holds none out): the current φ is kept",
+                        "train_samples": len(arrays.train), "val_samples": 0, "positives": arrays.n_positives}
             t0 = time.monotonic()
             res = model.train(phi, state.opt, arrays, self.config, seed=t.seed + state.rounds)
             _check_phi(res.phi, info)
@@ -319,7 +327,8 @@ class BundleModel:
         self.bundle = T.Bundle(bundle_dir, verify=True)
         b = self.bundle
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
-                               {b.phi_name: tuple(int(d) for d in b.phi_shape)})
+                               {b.phi_name: tuple(int(d) for d in b.phi_shape)},
+                               bool(b.manifest["optimizer"].get("require_val", False)))
         self._scorer = None
         self._encoder = None
         self._trainer = None

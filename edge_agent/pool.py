@@ -23,7 +23,8 @@ A round, per device (the reference is cloud_trainer.strategies.DCCL + personaliz
 2. once that bundle is current: φ0 = encoder(profile, last L items before ``until``, φ_prev);
 3. a warm device trains φ with full-batch AdamW for the manifest's ``optimizer.steps`` on its
    fresh window minus the validation slice (its newest ``round(val_frac·F)`` interactions) and
-   keeps φ0 when the validation loss got worse; a cold-start device keeps φ0;
+   keeps φ0 when the validation loss got worse (or, when the manifest says ``require_val``, when it
+   has no validation slice: then it does not train); a cold-start device keeps φ0;
 4. the signed patch goes into the outbox (durable), the state is saved, the patch is published
    and leaves the outbox only on PUBACK. Its message id is a hash of (device, bundle, round), so
    a device restarted mid-round rebuilds the same patch and the cloud stores it once.
@@ -437,11 +438,17 @@ class Pool:
             dr = int(c.get("data_round", r))  # the data round seeds the samples as in the reference
             train = ctr_rows(items, lo, hi - V, seed=1000 * seed + 10 * dr + 1, **common)
             n_train = len(train["item"])
-            res = tr.train(phi0, train, steps=int(b.manifest["optimizer"]["steps"]))
-            phi = res.phi
-            metrics = {"steps": float(res.steps)}
-            if res.losses:
-                metrics["train_loss"] = res.losses[-1]
+            opt = b.manifest["optimizer"]
+            if V == 0 and opt.get("require_val", False):
+                # No validation slice: no evidence that a trained φ beats φ0 (the reference rule).
+                metrics = {"steps": 0.0, "kept_previous": 1.0, "no_val": 1.0}
+                self.stats["kept_previous"] += 1
+            else:
+                res = tr.train(phi0, train, steps=int(opt["steps"]))
+                phi = res.phi
+                metrics = {"steps": float(res.steps)}
+                if res.losses:
+                    metrics["train_loss"] = res.losses[-1]
             if V > 0:
                 val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common)
                 before, after = tr.scorer.loss(phi0, val), tr.scorer.loss(phi, val)
@@ -450,7 +457,7 @@ class Pool:
                     phi = phi0           # the reference rule: keep the starting φ if validation got worse
                     metrics["kept_previous"] = 1.0
                     self.stats["kept_previous"] += 1
-            self.stats["trained"] += 1
+            self.stats["trained"] += int(metrics["steps"] > 0)
         phi = b.check_phi(phi)
         metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         patch = envelope.Patch(device_id=d.id, bundle_version=version, round=r, sample_count=n_train,

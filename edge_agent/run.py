@@ -177,6 +177,9 @@ class EdgeRunner:
             log.warning("training round (%s) not run: %s", reason, exc)
             return {"error": str(exc)}
         self._refresh_status()
+        if res.get("skipped"):
+            log.info("training round (%s) skipped: %s", reason, res["skipped"])
+            return {**res, "patch": None, "reason": reason}
         sent = self._send_patch()
         self.heartbeat.beat()
         return {**res, **sent, "reason": reason}

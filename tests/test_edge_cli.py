@@ -206,6 +206,19 @@ def test_rank_train_rank_on_a_real_bundle(device):
     assert rep2["round"] == 2 and StateStore(tmp / "state").load().rounds == 2
 
 
+def test_a_device_without_a_validation_slice_does_not_train(tmp_path):
+    """The bundle's require_val rule: one click leaves nothing to hold out, so the device keeps its
+    φ (no evidence a trained one is better), saves nothing and `dccl edge train` says why."""
+    build_bundle(tmp_path / "bundle")
+    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["optimizer"]["require_val"] is True
+    cfg = write_config(tmp_path, train={"max_steps": 10, "neg": 2, "val_frac": 0.2})
+    _json(run_edge_cli("edge", "ingest", "--config", str(cfg), "--profile", "2,1",
+                       "--file", str(_jsonl(tmp_path / "ev.jsonl", _events(4, every=4)))))   # 1 click
+    rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    assert rep["steps"] == 0 and rep["val_samples"] == 0 and "no validation slice" in rep["skipped"]
+    assert StateStore(tmp_path / "state").load().rounds == 0
+
+
 def test_corrupted_bundle_is_a_clear_error_and_state_is_kept(device):
     tmp, cfg = device
     _json(run_edge_cli("edge", "train", "--config", str(cfg)))

@@ -126,6 +126,18 @@ def test_keep_if_worse_restores_the_starting_phi_per_device():
     assert info["kept_previous"] == 1
 
 
+def test_a_device_without_validation_rows_keeps_its_starting_phi():
+    m = tiny()
+    train = batch(200, n_owners=3, seed=1)
+    val = batch(100, n_owners=2, seed=2)          # owners 0 and 1 only: device 2 has no validation slice
+    phi0 = torch.randn(3, 6) * 0.1
+    strict, info = personalize_all(m, phi0, train, val, DeviceTrainConfig(steps=10, lr=0.1, keep_if_worse=False))
+    assert torch.equal(strict[2], phi0[2]) and not torch.equal(strict[0], phi0[0]) and info["no_val"] == 1
+    blind, _ = personalize_all(m, phi0, train, val,
+                               DeviceTrainConfig(steps=10, lr=0.1, keep_if_worse=False, require_val=False))
+    assert not torch.equal(blind[2], phi0[2]) and torch.equal(blind[0], strict[0])
+
+
 def test_patch_state_round_trip_and_checkpoint(tmp_path):
     m = tiny()
     with torch.no_grad():

@@ -19,7 +19,8 @@ Keys (``manifest_version`` 1)::
   inputs            {"item"|"hist"|"profile"|"label"|"phi": {"dtype", "shape" (ints or "batch"), "vocab"?}}
   schema            {"n_items", "n_attrs", "max_len", "profile_vocab", "phi_dim"}
   loss              {"name": "bce_with_logits", "formula": str}
-  optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse"}
+  optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse",
+                     "require_val" (optional, default false: a device with no validation slice does not train)}
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
   reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
@@ -162,6 +163,8 @@ def validate(obj: Any) -> dict:
     if _need(opt, "steps", int, "optimizer.") < 0:
         raise ManifestError("optimizer.steps", "negative")
     _need(opt, "keep_if_worse", bool, "optimizer.")
+    if "require_val" in opt and not isinstance(opt["require_val"], bool):
+        raise ManifestError("optimizer.require_val", f"{opt['require_val']!r} must be true or false")
     _need(_need(obj, "loss", dict, ""), "name", str, "loss.")
     _need(obj, "versions", dict, "")
     if "reference" in obj and obj["reference"] is not None:
