@@ -10,7 +10,15 @@ Two backends, one contract (the bundle's manifest):
 ``auto`` takes ``ort-training`` when the training build is importable, else ``portable``. Both run
 one AdamW step per batch and start each ``train`` call with fresh AdamW moments, exactly like
 ``cloud_trainer.personalize.train_phi`` (the PyTorch reference the parity tests compare with).
-Validation losses come from the inference graph, so both backends judge φ the same way.
+
+Cached bundles (manifest ``train_inputs`` = ``["features", "label"]``, every patch in the prediction
+MLP): nothing before the MLP depends on φ, so ``train`` / ``gradient`` run the bundle's trunk
+(``trunk.onnx``) once over their samples (and once over the validation slice) and every step runs
+the head alone on those features. Raw bundles (e.g. an attention patch) step on item, hist, profile.
+Callers pass raw samples either way.
+
+Validation losses come from one graph shared by both backends, so both judge φ the same way: the
+head graph on cached features (cached bundles), else the inference graph.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from edge_agent import ort_compat
 
 BACKENDS = ("auto", "ort-training", "portable")
 BATCH_KEYS = ("item", "hist", "profile", "label")
-FEATURE_KEYS = ("item", "hist", "profile")
+FEATURE_KEYS = ("item", "hist", "profile")  # a sample's raw model inputs
+FEATURES = "features"  # the trunk's output (cached bundles)
+TRUNK_CHUNK = 4096  # samples per trunk run (bounds the memory of a large local set)
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -82,6 +92,10 @@ class Bundle:
         s = self.manifest["schema"]
         self.n_items, self.max_len = s["n_items"], s["max_len"]
         self.profile_vocab = list(s["profile_vocab"])
+        # What the train graphs take: raw inputs, or the trunk's features (validated by mf.load).
+        self.train_inputs: tuple[str, ...] = mf.train_inputs(self.manifest)
+        self.cached = FEATURES in self.train_inputs
+        self.feature_dim: int | None = self.manifest["inputs"][FEATURES]["shape"][1] if self.cached else None
 
     def _single_trainable(self) -> dict:
         trainable = self.manifest["trainable"]
@@ -205,6 +219,47 @@ class Encoder:
         return b.check_phi(out, "encoder output")
 
 
+class Trunk:
+    """A cached bundle's trunk: ``features(batch) -> [n, F]`` from raw samples (item, hist,
+    profile), independent of φ. Computed once per sample per training round."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None):
+        if not bundle.cached:
+            raise TrainerError(f"bundle {bundle.dir}: its train graphs take raw inputs; it has no trunk")
+        self.bundle = bundle
+        self.session = ort.InferenceSession(str(bundle.path("trunk")), _session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.runs = 0  # session runs so far (the tests count them)
+
+    def features(self, batch: dict[str, np.ndarray], chunk: int = TRUNK_CHUNK) -> np.ndarray:
+        """``batch``: checked raw inputs (``Bundle.check_batch``) -> float32 [n, F]."""
+        n = batch["item"].shape[0]
+        parts = []
+        for s in range(0, n, chunk):
+            parts.append(self.session.run([FEATURES], _feed(self.session, {k: batch[k][s:s + chunk] for k in FEATURE_KEYS}))[0])
+            self.runs += 1
+        x = np.concatenate(parts) if parts else np.zeros((0, self.bundle.feature_dim), np.float32)
+        if x.shape != (n, self.bundle.feature_dim):
+            raise TrainerError(f"bundle {self.bundle.dir}: trunk gave features of shape {list(x.shape)}, the manifest "
+                               f"says [{n}, {self.bundle.feature_dim}]")
+        return x
+
+
+class _HeadLoss:
+    """The bundle's loss of φ on cached features, from the head graph (features, phi -> logit)."""
+
+    def __init__(self, bundle: Bundle, threads: int | None):
+        self.bundle = bundle
+        self.session = ort.InferenceSession(str(bundle.path("head")), _session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+
+    def logits(self, phi: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self.session.run(["logit"], {FEATURES: features, "phi": self.bundle.check_phi(phi)})[0]
+
+    def loss(self, phi: np.ndarray, data: dict[str, np.ndarray]) -> float:
+        return stable_bce(self.logits(phi, data[FEATURES]), data["label"])
+
+
 # -- backends -----------------------------------------------------------------------------------
 
 class _PortableStep:
@@ -215,7 +270,8 @@ class _PortableStep:
         self.session = ort.InferenceSession(str(bundle.path("train_step")), _session_options(threads),
                                             providers=["CPUExecutionProvider"])
         names = {i.name for i in self.session.get_inputs()}
-        missing = {"phi", "m", "v", "step", "lr"} - names
+        # (A zero-width profile input may be dropped by the exporter.)
+        missing = ({"phi", "m", "v", "step", "lr"} | set(bundle.train_inputs) - {"profile"}) - names
         if missing:
             raise TrainerError(f"bundle {bundle.dir}: train_step graph lacks inputs {sorted(missing)}")
 
@@ -293,7 +349,8 @@ def resolve_backend(backend: str) -> str:
 
 class Trainer:
     """Trains φ on local data within a budget; early-stops on a local validation slice and keeps
-    the previous φ when the new one evaluates worse."""
+    the previous φ when the new one evaluates worse. With a cached bundle, each ``train`` /
+    ``gradient`` call runs the trunk once over its samples and steps on the features."""
 
     def __init__(self, bundle_dir: str | Path | Bundle, backend: str = "auto", *, threads: int | None = None,
                  verify: bool = True):
@@ -301,6 +358,8 @@ class Trainer:
         self.backend = resolve_backend(backend)
         self.optimizer = dict(self.bundle.manifest["optimizer"])
         self.scorer = Scorer(self.bundle, threads=threads)
+        self.trunk = Trunk(self.bundle, threads=threads) if self.bundle.cached else None
+        self._head = _HeadLoss(self.bundle, threads) if self.bundle.cached else None
         impl = _OrtTrainingStep if self.backend == "ort-training" else _PortableStep
         self._impl = impl(self.bundle, threads)
 
@@ -308,9 +367,22 @@ class Trainer:
     def manifest(self) -> dict:
         return self.bundle.manifest
 
+    def _prepare(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checked raw samples -> what the train graphs take (trunk features + label when cached)."""
+        if self.trunk is None:
+            return batch
+        return {FEATURES: self.trunk.features(batch), "label": batch["label"]}
+
+    def step_inputs(self, batch: Arrays) -> dict[str, np.ndarray]:
+        """The train graphs' inputs for labelled raw samples (for benchmarks of the bare step)."""
+        return self._prepare(self.bundle.check_batch(batch))
+
+    def _val_loss(self, phi: np.ndarray, val: dict[str, np.ndarray]) -> float:
+        return self._head.loss(phi, val) if self._head is not None else self.scorer.loss(phi, val)
+
     def gradient(self, phi, batch: Arrays) -> np.ndarray:
         """d loss / d φ at ``phi`` on one batch (no update)."""
-        return self._impl.gradient(self.bundle.check_phi(phi), self.bundle.check_batch(batch), self.optimizer)
+        return self._impl.gradient(self.bundle.check_phi(phi), self.step_inputs(batch), self.optimizer)
 
     def train(self, phi0, data: Arrays | Sequence[Arrays], *, steps: int | None = None, epochs: int | None = None,
               seconds: float | None = None, batch_size: int | None = None, val: Arrays | None = None,
@@ -336,6 +408,7 @@ class Trainer:
             bs = n if batch_size is None else int(batch_size)
             if bs < 1:
                 raise TrainerError(f"batch_size = {batch_size}: must be >= 1")
+            full = self._prepare(full)  # trunk features once per round, not once per step
             rng = np.random.default_rng(seed)
 
             def epoch_batches():
@@ -344,10 +417,15 @@ class Trainer:
                     idx = order[s:s + bs]
                     yield {k: v[idx] for k, v in full.items()}
         else:
-            fixed = [b.check_batch(x, f"data[{i}]") for i, x in enumerate(data)]
-            fixed = [x for x in fixed if x["item"].shape[0] > 0]
-            if not fixed:
+            checked = [(x, b.check_batch(x, f"data[{i}]")) for i, x in enumerate(data)]
+            checked = [(x, c) for x, c in checked if c["item"].shape[0] > 0]
+            if not checked:
                 raise TrainerError("data: no local training samples")
+            prepared: dict[int, dict[str, np.ndarray]] = {}  # a batch given several times: one trunk run
+            for x, c in checked:
+                if id(x) not in prepared:
+                    prepared[id(x)] = self._prepare(c)
+            fixed = [prepared[id(x)] for x, _ in checked]
 
             def epoch_batches():
                 yield from fixed
@@ -363,10 +441,9 @@ class Trainer:
             opt["lr"] = float(lr)
         if val is not None:
             val = b.check_batch(val, "val")
-            if val["item"].shape[0] == 0:
-                val = None
+            val = self._prepare(val) if val["item"].shape[0] > 0 else None
 
-        val_before = self.scorer.loss(phi0, val) if val is not None else None
+        val_before = self._val_loss(phi0, val) if val is not None else None
         keep_if_worse = bool(self.optimizer.get("keep_if_worse", True))
         # Without keep_if_worse phi0 is no candidate: the best *trained* φ is returned.
         best_phi, best_val, best_step = phi0, (val_before if keep_if_worse else math.inf), 0
@@ -397,7 +474,7 @@ class Trainer:
                 stopped = "non_finite"
                 break
             if val is not None:
-                v = self.scorer.loss(current, val)
+                v = self._val_loss(current, val)
                 if v < best_val:
                     best_phi, best_val, best_step, stale = current, v, len(losses), 0
                 else:
@@ -420,7 +497,7 @@ class Trainer:
                 if val is None:
                     best_phi, best_step = current, len(losses)
                 else:
-                    v = self.scorer.loss(current, val)
+                    v = self._val_loss(current, val)
                     if v < best_val:
                         best_phi, best_val, best_step = current, v, len(losses)
         trained = best_phi if best_step > 0 else None
@@ -452,8 +529,12 @@ class Trainer:
         res = self.train(phi0, [batch] * ref["steps"], steps=ref["steps"], lr=ref.get("lr"))
         out["phi"] = float(np.max(np.abs(res.phi - np.asarray(ref["phi_after"], np.float32))))
         out["loss"] = float(np.max(np.abs(np.asarray(res.losses) - np.asarray(ref["losses"]))))
+        want = np.asarray(ref["logits0"], np.float32)
         logits = self.scorer.score(phi0, batch["item"], batch["hist"], batch["profile"])
-        out["logit"] = float(np.max(np.abs(logits - np.asarray(ref["logits0"], np.float32))))
+        out["logit"] = float(np.max(np.abs(logits - want)))
+        if self._head is not None:  # the trunk + head path a cached bundle trains and validates on
+            head = self._head.logits(phi0, self.step_inputs(batch)[FEATURES])
+            out["logit"] = max(out["logit"], float(np.max(np.abs(head - want))))
         for key, limit in (("grad", tol["grad"]), ("phi", tol["phi"]), ("logit", tol["logit"]), ("loss", tol["phi"])):
             if not out[key] <= limit:
                 raise TrainerError(f"self-check ({self.backend}): {key} differs from the reference by "

@@ -14,6 +14,8 @@
 - The model is exported with the legacy exporter, opset 17, ``do_constant_folding=False`` and
   ``TrainingMode.TRAINING``, so initializer names are the ``state_dict`` names. The single-device
   φ path of the MetaPatch layer uses 2-D matmuls, avoiding ORT's wrong gradient of MatMul(2-D, 1-D).
+- ``cached``: the graph is the head alone (``features [B, F] -> logit``, see ``onnx_export.trunk``);
+  otherwise the whole model on the raw inputs (``item, hist, profile -> logit``).
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ from onnxruntime.training.onnxblock.optim.optim import AdamWOptimizer
 
 from cloud_trainer.models.metapatch import MetaPatchModel
 from cloud_trainer.personalize import DeviceTrainConfig
-from onnx_export.schema import BATCH, cap_ir, example_batch
+from onnx_export.schema import BATCH, FEATURES, RAW_INPUTS, cap_ir, example_batch, example_features, head_forward
 
 TRAINING_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
-MODEL_INPUTS = ("item", "hist", "profile")
+MODEL_INPUTS = RAW_INPUTS
 LABEL = "label"
 OPSET = 17
 
@@ -76,21 +78,26 @@ def adamw_block(cfg: DeviceTrainConfig) -> onnxblock.optim.AdamW:
     return block
 
 
-def export_training_graph(model: MetaPatchModel) -> onnx.ModelProto:
-    """The patched model with its own φ parameter: item, hist, profile -> logit, initializers
-    named as in ``state_dict``."""
-    ex = {k: torch.from_numpy(v) for k, v in example_batch(model, 2, seed=0).items()}
+def export_training_graph(model: MetaPatchModel, cached: bool = False) -> onnx.ModelProto:
+    """The patched model with its own φ parameter, initializers named as in ``state_dict``:
+    item, hist, profile -> logit; or, ``cached``, the head alone: features -> logit."""
     buf = io.BytesIO()
     was_training = model.training
     model.eval()  # no dropout / batch-norm in the model; TRAINING mode only keeps params as initializers
-    torch.onnx.export(
-        model, (ex["item"], ex["hist"], ex["profile"]), buf, dynamo=False, opset_version=OPSET,
-        input_names=list(MODEL_INPUTS), output_names=["logit"],
-        dynamic_axes={"item": {0: BATCH}, "hist": {0: BATCH}, "profile": {0: BATCH}, "logit": {0: BATCH}},
-        export_params=True, do_constant_folding=False, keep_initializers_as_inputs=False,
-        training=torch.onnx.TrainingMode.TRAINING,
-    )
-    model.train(was_training)
+    common = dict(dynamo=False, opset_version=OPSET, output_names=["logit"], export_params=True,
+                  do_constant_folding=False, keep_initializers_as_inputs=False,
+                  training=torch.onnx.TrainingMode.TRAINING)
+    try:
+        if cached:
+            with head_forward(model):
+                torch.onnx.export(model, (example_features(model, 2, seed=0),), buf, input_names=[FEATURES],
+                                  dynamic_axes={FEATURES: {0: BATCH}, "logit": {0: BATCH}}, **common)
+        else:
+            ex = {k: torch.from_numpy(v) for k, v in example_batch(model, 2, seed=0).items()}
+            torch.onnx.export(model, (ex["item"], ex["hist"], ex["profile"]), buf, input_names=list(MODEL_INPUTS),
+                              dynamic_axes={n: {0: BATCH} for n in (*MODEL_INPUTS, "logit")}, **common)
+    finally:
+        model.train(was_training)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -114,13 +121,14 @@ def _captured_stderr():
 
 
 def generate(model: MetaPatchModel, out_dir: str | os.PathLike, cfg: DeviceTrainConfig,
-             requires_grad: list[str] | None = None) -> list[str]:
+             requires_grad: list[str] | None = None, cached: bool | None = None) -> list[str]:
     """Write the four training artifacts into ``out_dir``; returns their file names.
 
-    ``requires_grad`` defaults to the structural device-trainable set; it is a parameter only so
-    that tests can build a deliberately wrong bundle for the contract check."""
+    ``cached`` (default: ``model.cacheable``): train the head on trunk features instead of the
+    whole model on raw inputs. ``requires_grad`` defaults to the structural device-trainable set;
+    it is a parameter only so that tests can build a deliberately wrong bundle for the contract check."""
     out_dir = Path(out_dir)
-    graph = export_training_graph(model)
+    graph = export_training_graph(model, model.cacheable if cached is None else cached)
     params = [n for n, _ in model.named_parameters()]
     trainable = list(model.device_trainable()) if requires_grad is None else list(requires_grad)
     initializers = {t.name for t in graph.graph.initializer}

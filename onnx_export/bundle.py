@@ -4,12 +4,21 @@ Layout of a bundle directory::
 
   manifest.json          what the bundle is (dccl.protocol.manifest documents every key)
   inference.onnx         item, hist, profile, phi -> logit
+  trunk.onnx             item, hist, profile -> features          (cached bundles only)
+  head.onnx              features, phi -> logit                   (cached bundles only)
   train_step.onnx        portable train step (plain onnxruntime)
   encoder.onnx           profile, hist, phi_prev -> phi
   training_model.onnx    ORT training artifacts (onnxruntime-training)
   eval_model.onnx
   optimizer_model.onnx
   checkpoint
+
+A *cached* bundle (the default whenever every patch sits in the prediction MLP,
+``MetaPatchModel.cacheable``) has train graphs on the head alone: they take the trunk's
+``features [B, F]`` and ``label`` (manifest ``train_inputs``), and a device computes the features
+of its samples once per round with ``trunk.onnx``. Otherwise (e.g. an ``attention.key`` patch) the
+train graphs take ``item, hist, profile, label`` as before. The inference model and the encoder are
+the same either way.
 
 The bundle is built in a temporary sibling directory, checked, then renamed into place, so a
 failed export never leaves a half-written bundle where a publisher could pick it up.
@@ -37,8 +46,8 @@ from cloud_trainer.models.metapatch import MetaPatchModel
 from cloud_trainer.personalize import DeviceTrainConfig, train_phi
 from dccl.errors import DcclError
 from dccl.protocol import manifest as mf
-from onnx_export import artifacts, encoder as encoder_export, inference, portable
-from onnx_export.schema import device_view, example_batch, input_schema, trainable_spec
+from onnx_export import artifacts, encoder as encoder_export, inference, portable, trunk
+from onnx_export.schema import FEATURES, device_view, example_batch, input_schema, train_inputs, trainable_spec
 
 REFERENCE_BATCH = 16
 REFERENCE_STEPS = 5
@@ -99,7 +108,7 @@ def reference_values(model: MetaPatchModel, cfg: DeviceTrainConfig, steps: int =
 
 
 def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: str, files: dict,
-                   has_encoder: bool, source: dict | None = None) -> dict:
+                   has_encoder: bool, cached: bool = False, source: dict | None = None) -> dict:
     dcfg = model.base.config
     return {
         "format": mf.FORMAT,
@@ -111,17 +120,20 @@ def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: st
             "inference": inference.FILE,
             "train_step": portable.FILE,
             "encoder": encoder_export.FILE if has_encoder else None,
+            "trunk": trunk.TRUNK_FILE if cached else None,
+            "head": trunk.HEAD_FILE if cached else None,
             "ort_training": dict(zip(mf.ORT_TRAINING_ROLES, artifacts.TRAINING_FILES)),
         },
+        "train_inputs": train_inputs(cached),
         "trainable": trainable_spec(model),
-        "inputs": input_schema(model),
+        "inputs": input_schema(model, cached),
         "schema": {"n_items": dcfg.n_items, "n_attrs": dcfg.n_attrs, "max_len": dcfg.max_len,
                    "profile_vocab": list(dcfg.profile_vocab), "phi_dim": model.phi_dim},
         "loss": {"name": "bce_with_logits", "formula": "mean(relu(x) - x*y + log(1 + exp(-|x|)))"},
         "optimizer": {"name": "adamw", "lr": cfg.lr, "beta1": cfg.beta1, "beta2": cfg.beta2, "eps": cfg.eps,
                       "weight_decay": cfg.weight_decay, "steps": cfg.steps, "keep_if_worse": cfg.keep_if_worse,
                       "require_val": cfg.require_val},
-        "portable": {"inputs": list(portable.INPUTS), "outputs": list(portable.OUTPUTS)},
+        "portable": {"inputs": list(portable.inputs_for(cached)), "outputs": list(portable.OUTPUTS)},
         "reference": reference_values(model, cfg),
         "source": source or {},
         "versions": _versions(),
@@ -130,11 +142,17 @@ def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: st
 
 def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: str | os.PathLike, *,
                  version: str, cfg: DeviceTrainConfig | None = None, source: dict | None = None,
-                 overwrite: bool = False, check: bool = True) -> dict:
+                 overwrite: bool = False, check: bool = True, cache_features: bool | None = None) -> dict:
     """Export everything into ``out_dir`` (created; must not exist unless ``overwrite``). Returns
     the manifest. Without a trained encoder, a fresh one (φ_prev passes through) is exported and
-    the manifest's ``source.encoder_trained`` says so."""
+    the manifest's ``source.encoder_trained`` says so. ``cache_features`` (default: whether the
+    model is ``cacheable``): train graphs on the head with a trunk model, else on the raw inputs;
+    True for a model whose patches are not all in the head is an error."""
     cfg = cfg or DeviceTrainConfig()
+    cached = model.cacheable if cache_features is None else bool(cache_features)
+    if cached and not model.cacheable:
+        raise DcclError(f"cache_features: metapatch.target_modules {list(model.config.target_modules)} patch the "
+                        "trunk, so its features depend on φ and cannot be cached")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DcclError(f"--out {out_dir}: exists and is not empty (choose a new directory per bundle version)")
@@ -156,13 +174,18 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
             # exporter chatter; failures still raise.
             warnings.simplefilter("ignore")
             view = device_view(model)
-            names = artifacts.generate(view, tmp, cfg)
+            names = artifacts.generate(view, tmp, cfg, cached=cached)
             inference.export(view, tmp / inference.FILE)
-            portable.export(view, tmp / portable.FILE)
+            portable.export(view, tmp / portable.FILE, cached=cached)
             encoder_export.export(encoder, model.base.config.max_len, tmp / encoder_export.FILE)
+            if cached:
+                trunk.export_trunk(view, tmp / trunk.TRUNK_FILE)
+                trunk.export_head(view, tmp / trunk.HEAD_FILE)
         names += [inference.FILE, portable.FILE, encoder_export.FILE]
+        if cached:
+            names += [trunk.TRUNK_FILE, trunk.HEAD_FILE]
         manifest = build_manifest(model, cfg, version=version, files=mf.file_entries(tmp, names),
-                                  has_encoder=True, source=source)
+                                  has_encoder=True, cached=cached, source=source)
         mf.write(tmp, manifest)
         if check:
             check_bundle(tmp)
@@ -177,9 +200,11 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
 
 def check_bundle(bundle_dir: str | os.PathLike, backends: tuple[str, ...] = ("ort-training", "portable")) -> dict:
     """The contract check: hashes verify; every trainable name is a trainable parameter of the
-    training checkpoint with its shape, and nothing else is trainable; the portable and inference
-    graphs take φ with that shape; both backends load and reproduce the manifest's PyTorch
-    reference (gradient, φ after N steps, logits). Returns the measured max-abs differences."""
+    training checkpoint with its shape, and nothing else is trainable; the portable, inference (and
+    head) graphs take φ with that shape; both train graphs take exactly the manifest's
+    ``train_inputs`` (with the trunk's feature width for a cached bundle); both backends load and
+    reproduce the manifest's PyTorch reference (gradient, φ after N steps, logits) — a cached bundle
+    through its trunk, from the reference's raw batch. Returns the measured max-abs differences."""
     import onnx
 
     from edge_agent.ort_compat import import_training_api
@@ -213,14 +238,36 @@ def check_bundle(bundle_dir: str | os.PathLike, backends: tuple[str, ...] = ("or
         raise ContractError(f"bundle contract: {len(expected)} trainable tensors {sorted(expected)}; the portable "
                             "train step and the edge agent train exactly one metapatch vector")
     (phi_name, spec), = expected.items()
-    for role, input_names in (("train_step", ("phi", "m", "v")), ("inference", ("phi",))):
-        g = onnx.load(str(bundle_dir / manifest["models"][role]), load_external_data=False).graph
-        shapes = {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
-                           for d in i.type.tensor_type.shape.dim] for i in g.input}
+    models = manifest["models"]
+    wanted = mf.train_inputs(manifest)
+    cached = FEATURES in wanted
+    phi_roles = [("train_step", ("phi", "m", "v")), ("inference", ("phi",))] + ([("head", ("phi",))] if cached else [])
+    for role, input_names in phi_roles:
+        shapes = _io_shapes(bundle_dir / models[role], "input")
         for n in input_names:
             if shapes.get(n) != spec["shape"]:
-                raise ContractError(f"bundle contract: {manifest['models'][role]} input '{n}' for trainable "
+                raise ContractError(f"bundle contract: {models[role]} input '{n}' for trainable "
                                     f"parameter '{phi_name}' has shape {shapes.get(n)}, manifest says {spec['shape']}")
+    # The train graphs take what the manifest's train_inputs say, and nothing of the other path.
+    batch_names = {*mf.RAW_TRAIN_INPUTS, *mf.CACHED_TRAIN_INPUTS}
+    for rel in (models["train_step"], models["ort_training"]["training_model"]):
+        shapes = _io_shapes(bundle_dir / rel, "input")
+        extra = sorted((batch_names - set(wanted)) & set(shapes))
+        # A zero-width profile input may be dropped by the exporter (a model without profile columns).
+        missing = [n for n in wanted if n not in shapes and not (n == "profile" and not manifest["schema"]["profile_vocab"])]
+        if extra or missing:
+            raise ContractError(f"bundle contract: {rel} takes inputs {sorted(batch_names & set(shapes))}, manifest "
+                                f"train_inputs says {wanted}")
+        if cached and shapes[FEATURES][1:] != manifest["inputs"][FEATURES]["shape"][1:]:
+            raise ContractError(f"bundle contract: {rel} input 'features' has shape {shapes[FEATURES]}, manifest "
+                                f"says {manifest['inputs'][FEATURES]['shape']}")
+    if cached:
+        want_f = manifest["inputs"][FEATURES]["shape"][1:]
+        for rel, kind in ((models["trunk"], "output"), (models["head"], "input")):
+            got = _io_shapes(bundle_dir / rel, kind).get(FEATURES)
+            if got is None or got[1:] != want_f:
+                raise ContractError(f"bundle contract: {rel} {kind} 'features' has shape {got}, manifest says "
+                                    f"{manifest['inputs'][FEATURES]['shape']}")
     diffs = {}
     for backend in backends:
         try:
@@ -232,3 +279,12 @@ def check_bundle(bundle_dir: str | os.PathLike, backends: tuple[str, ...] = ("or
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return diffs
 
+
+
+def _io_shapes(path: Path, kind: str) -> dict[str, list]:
+    """{name: [dims]} of a graph's inputs or outputs (symbolic dims as their names)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in i.type.tensor_type.shape.dim]
+            for i in (g.input if kind == "input" else g.output)}

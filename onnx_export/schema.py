@@ -2,12 +2,14 @@
 
 One place says what a device feeds the exported graphs (names shared with
 ``cloud_trainer.models``): ``item [B] int64``, ``hist [B, L] int64``, ``profile [B, P] int64``,
-``label [B] float32``, ``phi [1, m] float32``. The manifest records it; the tests, the reference
+``label [B] float32``, ``phi [1, m] float32`` and, for bundles whose train graphs run on cached
+trunk features, ``features [B, F] float32``. The manifest records it; the tests, the reference
 values in the manifest and the benchmark draw batches from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -19,6 +21,8 @@ from cloud_trainer.models.metapatch import MetaPatchModel
 
 BATCH = "batch"  # the name of the dynamic batch dimension in every exported graph
 MAX_IR_VERSION = 10  # ORT 1.19 (the training build) reads IR <= 10 (NOTES.md)
+RAW_INPUTS = ("item", "hist", "profile")  # what the raw-input graphs take (besides label / φ)
+FEATURES = "features"  # the trunk's output, the head's input
 
 
 def trainable_spec(model: MetaPatchModel) -> dict[str, dict]:
@@ -28,16 +32,45 @@ def trainable_spec(model: MetaPatchModel) -> dict[str, dict]:
             for n, p in model.device_trainable().items()}
 
 
-def input_schema(model: MetaPatchModel) -> dict[str, dict]:
+def input_schema(model: MetaPatchModel, cached: bool = False) -> dict[str, dict]:
+    """The graphs' inputs; ``cached``: the train graphs take the trunk's ``features`` too."""
     cfg = model.base.config
     L, P = cfg.max_len, len(cfg.profile_vocab)
-    return {
+    out = {
         "item": {"dtype": "int64", "shape": [BATCH], "vocab": cfg.n_items + 1},
         "hist": {"dtype": "int64", "shape": [BATCH, L], "vocab": cfg.n_items + 1},
         "profile": {"dtype": "int64", "shape": [BATCH, P], "vocab": list(cfg.profile_vocab)},
         "label": {"dtype": "float32", "shape": [BATCH]},
         "phi": {"dtype": "float32", "shape": [1, model.phi_dim]},
     }
+    if cached:
+        out[FEATURES] = {"dtype": "float32", "shape": [BATCH, model.base.feature_dim]}
+    return out
+
+
+def train_inputs(cached: bool) -> list[str]:
+    """The batch inputs of the train graphs (ORT training model and portable step)."""
+    return [FEATURES, "label"] if cached else [*RAW_INPUTS, "label"]
+
+
+def example_features(model: MetaPatchModel, n: int, seed: int = 0) -> torch.Tensor:
+    """Trunk features (n, F) of ``example_batch(model, n, seed)`` (a cacheable model)."""
+    ex = {k: torch.from_numpy(v) for k, v in example_batch(model, n, seed).items()}
+    with torch.no_grad():
+        return model.features(ex["item"], ex["hist"], ex["profile"]).detach().clone()
+
+
+@contextlib.contextmanager
+def head_forward(model: MetaPatchModel):
+    """Within the block ``model(features, phi=None)`` is ``model.head``: exporters that take a
+    module and call it see the head alone, with the parameters under their ``state_dict`` names."""
+    if not model.cacheable:
+        raise ValueError("head_forward: the model's patches are not all in the head")
+    model.forward = model.head  # an instance attribute shadows the method
+    try:
+        yield model
+    finally:
+        del model.forward
 
 
 def example_batch(model: MetaPatchModel, n: int, seed: int = 0) -> dict[str, np.ndarray]:

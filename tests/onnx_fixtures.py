@@ -46,13 +46,19 @@ def ml100k_model(seed: int = 0, theta_std: float = 0.3, **mp_kwargs):
     return model
 
 
+# The raw-input path: a patch in the attention unit makes the trunk features depend on φ, so this
+# bundle's train graphs take item, hist, profile (no trunk).
+RAW_TARGETS = ("attention.key", "mlp.0")
+
+
 @functools.lru_cache(maxsize=None)
-def shared_bundle() -> tuple[object, Path]:
-    """(model, bundle dir) exported once per test process, contract-checked."""
+def shared_bundle(kind: str = "cached") -> tuple[object, Path]:
+    """(model, bundle dir) exported once per test process, contract-checked. ``kind``: "cached" (the
+    default patches in the MLP: train graphs on the trunk's features) or "raw" (``RAW_TARGETS``)."""
     from onnx_export.bundle import write_bundle
 
-    model = ml100k_model()
-    root = Path(tempfile.mkdtemp(prefix="dccl-bundle-"))
+    model = {"cached": ml100k_model, "raw": lambda: ml100k_model(target_modules=RAW_TARGETS)}[kind]()
+    root = Path(tempfile.mkdtemp(prefix=f"dccl-bundle-{kind}-"))
     atexit.register(shutil.rmtree, root, True)
     out = root / "bundle"
     write_bundle(model, None, out, version="test-1", cfg=DEVICE_CFG, source={"test": True})

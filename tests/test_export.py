@@ -1,4 +1,7 @@
-"""The device bundle: layout, manifest, artifact properties, tamper detection, contract check, CLI."""
+"""The device bundle: layout, manifest, artifact properties, tamper detection, contract check, CLI.
+
+Two bundle kinds: "cached" (the default patches, all in the MLP: trunk.onnx + head.onnx, train graphs
+on the trunk's features) and "raw" (an attention patch: train graphs on item, hist, profile)."""
 
 from __future__ import annotations
 
@@ -17,15 +20,26 @@ from dccl.protocol import manifest as mf
 from onnx_export import artifacts
 from onnx_export.bundle import ContractError, check_bundle
 from onnx_export.schema import example_batch
-from onnx_fixtures import DEVICE_CFG, ml100k_model, shared_bundle
+from onnx_fixtures import DEVICE_CFG, RAW_TARGETS, ml100k_model, shared_bundle
 
-FILES = {"manifest.json", "inference.onnx", "train_step.onnx", "encoder.onnx", "training_model.onnx",
-         "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
+RAW_FILES = {"manifest.json", "inference.onnx", "train_step.onnx", "encoder.onnx", "training_model.onnx",
+             "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
+FILES = RAW_FILES | {"trunk.onnx", "head.onnx"}
+F = 3 * 32 + 3 * 8  # trunk features: target, interest, target * interest (2 x 16 each), 3 profile embeddings
 
 
 @pytest.fixture(scope="module")
 def bundle():
-    return shared_bundle()
+    return shared_bundle("cached")
+
+
+@pytest.fixture(scope="module")
+def raw_bundle():
+    return shared_bundle("raw")
+
+
+def _inputs(path: Path) -> set[str]:
+    return {i.name for i in onnx.load(str(path)).graph.input}
 
 
 def _copy(bundle_dir: Path, tmp_path: Path) -> Path:
@@ -46,6 +60,12 @@ def test_layout_and_manifest(bundle):
     m = mf.load(d, verify=True)
     assert set(m["files"]) == FILES - {"manifest.json"}
     assert m["bundle_version"] == "test-1"
+    assert m["manifest_version"] == 2
+    # Patches only in the MLP: the train graphs take the trunk's features, the bundle carries the trunk.
+    assert m["train_inputs"] == ["features", "label"]
+    assert (m["models"]["trunk"], m["models"]["head"]) == ("trunk.onnx", "head.onnx")
+    assert m["inputs"]["features"] == {"dtype": "float32", "shape": ["batch", F]}
+    assert m["portable"]["inputs"][-2:] == ["features", "label"]
     assert m["trainable"] == {"metapatch_phi": {"shape": [1, 32], "dtype": "float32"}}
     assert m["inputs"]["item"] == {"dtype": "int64", "shape": ["batch"], "vocab": 1683}
     assert m["inputs"]["hist"]["shape"] == ["batch", 20]
@@ -75,19 +95,75 @@ def test_artifacts_properties(bundle):
     step = onnx.load(str(d / "train_step.onnx"))
     assert {o.domain for o in step.opset_import} == {""} and step.opset_import[0].version == 18
     assert {n.domain for n in step.graph.node} == {""}  # standard operators only: plain onnxruntime runs it
+    # Both train graphs are the head alone: features in, none of the trunk's tensors inside.
+    for name in ("training_model.onnx", "train_step.onnx"):
+        g = onnx.load(str(d / name)).graph
+        assert {"features", "label"} <= _inputs(d / name) and not {"item", "hist", "profile"} & _inputs(d / name), name
+        tensors = {t.name for t in g.initializer} | _inputs(d / name)
+        assert not any("item_emb" in t or "attention" in t or "item_table" in t for t in tensors), name
+    assert _inputs(d / "trunk.onnx") == {"item", "hist", "profile"}
+    assert _inputs(d / "head.onnx") == {"features", "phi"}
+    assert _inputs(d / "inference.onnx") == {"item", "hist", "profile", "phi"}  # unchanged: the full model
 
 
-def test_portable_graph_keeps_eps_and_dynamic_batch(bundle):
+def test_raw_bundle_for_an_attention_patch(raw_bundle):
+    """A patch in the attention unit makes the trunk depend on φ: no trunk, raw-input train graphs."""
+    model, d = raw_bundle
+    assert not model.cacheable
+    assert {p.name for p in d.iterdir()} == RAW_FILES
+    m = mf.load(d)
+    assert m["train_inputs"] == ["item", "hist", "profile", "label"]
+    assert (m["models"]["trunk"], m["models"]["head"]) == (None, None) and "features" not in m["inputs"]
+    for name in ("training_model.onnx", "train_step.onnx"):
+        assert {"item", "hist", "profile", "label"} <= _inputs(d / name) and "features" not in _inputs(d / name)
+    assert "base.attention.key.shared_theta" in _inputs(d / "training_model.onnx")
+
+
+def test_cache_features_needs_a_cacheable_model(tmp_path):
+    from dccl.errors import DcclError
+    from onnx_export.bundle import write_bundle
+
+    model = ml100k_model(target_modules=RAW_TARGETS)
+    with pytest.raises(DcclError, match=r"cache_features: .*attention.key.* cannot be cached"):
+        write_bundle(model, None, tmp_path / "b", version="x", cfg=DEVICE_CFG, cache_features=True)
+    assert not (tmp_path / "b").exists()
+
+
+def test_trunk_and_head_match_pytorch(bundle):
+    """trunk.onnx is the PyTorch trunk and head.onnx(trunk(x), φ) the patched model, to 1e-5."""
+    import onnxruntime as ort
+
+    model, d = bundle
+    b = example_batch(model, 300, seed=11)
+    phi = (np.random.default_rng(1).standard_normal((1, 32)) * 0.3).astype(np.float32)
+    tb = {k: torch.from_numpy(v) for k, v in b.items()}
+    with torch.no_grad():
+        want_x = model.features(tb["item"], tb["hist"], tb["profile"]).numpy()
+        want = model(tb["item"], tb["hist"], tb["profile"], phi=torch.from_numpy(phi)).numpy()
+    trunk = ort.InferenceSession(str(d / "trunk.onnx"), providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(str(d / "head.onnx"), providers=["CPUExecutionProvider"])
+    x = trunk.run(None, {k: b[k] for k in ("item", "hist", "profile")})[0]
+    assert x.shape == (300, F) and np.abs(x - want_x).max() <= 1e-5
+    got = head.run(None, {"features": x, "phi": phi})[0]
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(want - model.forward_unpatched(tb["item"], tb["hist"], tb["profile"]).detach().numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["cached", "raw"])
+def test_portable_graph_keeps_eps_and_dynamic_batch(kind):
     """eps is an input the exporter cannot fold away (NOTES.md: optimize=True drops eps=1e-8); any
     batch size runs."""
     import onnxruntime as ort
 
-    model, d = bundle
+    model, d = shared_bundle(kind)
     sess = ort.InferenceSession(str(d / "train_step.onnx"), providers=["CPUExecutionProvider"])
+    trunk = ort.InferenceSession(str(d / "trunk.onnx"), providers=["CPUExecutionProvider"]) if kind == "cached" else None
     f = lambda x: np.asarray(x, np.float32)  # noqa: E731
     phi = np.zeros((1, 32), np.float32)
     for n in (1, 7, 300):
         b = example_batch(model, n, seed=n)
+        if trunk is not None:
+            b = {"features": trunk.run(None, {k: b[k] for k in ("item", "hist", "profile")})[0], "label": b["label"]}
         feeds = dict(phi=phi, m=phi, v=phi, step=np.asarray(0, np.int64), lr=f(0.05), beta1=f(0.9),
                      beta2=f(0.999), eps=f(1e-8), weight_decay=f(0.0), **b)
         out = sess.run(None, feeds)
@@ -166,6 +242,62 @@ def test_manifest_field_errors_name_the_field(bundle):
     bad["inputs"]["hist"]["shape"] = ["batch", -1]
     with pytest.raises(mf.ManifestError, match="inputs.hist.shape"):
         mf.validate(bad)
+
+
+def test_manifest_train_inputs_and_trunk_are_validated(bundle, raw_bundle, tmp_path):
+    """A cached manifest without its trunk, a raw one with a trunk, unknown train inputs, a bad
+    feature width: each rejected by name — by the loader and by the edge agent's Bundle."""
+    from edge_agent.trainer import Bundle
+
+    m = mf.load(bundle[1], verify=False)
+    raw = mf.load(raw_bundle[1], verify=False)
+    cases = [
+        (m, lambda x: x["models"].update(trunk=None), r"models.trunk: missing: train_inputs are the trunk's features"),
+        (m, lambda x: x["models"].update(head=None), r"models.head: missing"),
+        (m, lambda x: x["models"].update(trunk="nope.onnx"), r"models.trunk: 'nope.onnx' is not listed in files"),
+        (m, lambda x: x["inputs"].pop("features"), r"inputs.features: missing"),
+        (m, lambda x: x["inputs"]["features"].update(shape=["batch"]), r"inputs.features.shape"),
+        (m, lambda x: x["inputs"]["features"].update(dtype="int64"), r"inputs.features.dtype"),
+        (m, lambda x: x.update(train_inputs=["features"]), r"train_inputs: \['features'\] is neither"),
+        (m, lambda x: x.pop("train_inputs"), r"train_inputs: missing"),
+        (m, lambda x: x["portable"].update(inputs=raw["portable"]["inputs"]), r"portable.inputs: .*not train_inputs"),
+        (raw, lambda x: x["models"].update(trunk="inference.onnx"), r"models.trunk: 'inference.onnx' given, but train_inputs are the raw"),
+    ]
+    for i, (base, edit, msg) in enumerate(cases):
+        bad = json.loads(json.dumps(base))
+        edit(bad)
+        with pytest.raises(mf.ManifestError, match=msg):
+            mf.validate(bad)
+        d = tmp_path / f"b{i}"
+        d.mkdir()
+        (d / mf.FILE).write_text(json.dumps(bad))
+        with pytest.raises(mf.ManifestError, match=msg):
+            Bundle(d, verify=False)
+    # A version-1 manifest (before train_inputs) is still read, as raw-input train graphs.
+    old = json.loads(json.dumps(raw))
+    old["manifest_version"] = 1
+    for key in ("train_inputs",):
+        old.pop(key)
+    for role in ("trunk", "head"):
+        old["models"].pop(role)
+    assert mf.train_inputs(mf.validate(old)) == ("item", "hist", "profile", "label")
+
+
+def test_contract_check_catches_train_graphs_on_the_wrong_inputs(bundle, raw_bundle, tmp_path):
+    """The manifest says the train graphs take features, the ORT artifacts take raw inputs (or a
+    feature width the trunk does not produce): the check names the file."""
+    d = _copy(bundle[1], tmp_path / "a")
+    for name in artifacts.TRAINING_FILES:
+        shutil.copy(raw_bundle[1] / name, d / name)
+    _rewrite_manifest(d, lambda m: m["files"].update(mf.file_entries(d, list(artifacts.TRAINING_FILES))))
+    with pytest.raises(ContractError, match=r"training_model.onnx takes inputs \['hist', 'item', 'label', 'profile'\], "
+                                            r"manifest train_inputs says \('features', 'label'\)"):
+        check_bundle(d)
+    d = _copy(bundle[1], tmp_path / "b")
+    _rewrite_manifest(d, lambda m: m["inputs"]["features"].update(shape=["batch", F + 1]))
+    with pytest.raises(ContractError, match=r"train_step.onnx input 'features' has shape \['batch', 120\], "
+                                            r"manifest says \['batch', 121\]"):
+        check_bundle(d)
 
 
 def test_contract_check_names_the_parameter(bundle, tmp_path):

@@ -3,8 +3,11 @@
 Same data, same φ0, N steps on the ML-100K-sized model: φ agrees to max-abs 1e-4, gradients to
 1e-5, the exported inference model's scores to 1e-5 — checked for both edge flavours in their own
 environments (.venv-edge: plain onnxruntime; .venv-edge-ort: the training build), each a real
-subprocess in which ``import torch`` fails. Then the trainer's contract (budgets, early stopping,
-keeping the previous φ, bad input), for both backends.
+subprocess in which ``import torch`` fails, and for both bundle kinds: "cached" (patches in the MLP;
+the device steps on trunk features computed once per call) and "raw" (an attention patch; the
+device steps on item, hist, profile). The reference is always ``train_phi`` on the raw inputs. Then
+the trainer's contract (budgets, early stopping, keeping the previous φ, bad input, the trunk run
+once per call), for both backends.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ PHI_TOL, GRAD_TOL, LOGIT_TOL = 1e-4, 1e-5, 1e-5
 KEYS = ("item", "hist", "profile", "label")
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return shared_bundle()
+KINDS = ("cached", "raw")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def bundle(request):
+    return shared_bundle(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,9 @@ def test_edge_flavour_matches_pytorch(bundle, case, venv, backend, tmp_path):
     out = np.load(tmp_path / "out.npz")
     expected_backend = {"auto": "portable" if venv == ".venv-edge" else "ort-training"}.get(backend, backend)
     assert str(out["backend"]) == expected_backend
+    # The path under test: a cached bundle steps on trunk features, the attention-patched one on raw inputs.
+    model, _ = bundle
+    assert bool(out["cached"]) is model.cacheable
     assert not bool(out["torch_loaded"])
     assert np.abs(out["grad0"] - ref["grad0"]).max() <= GRAD_TOL
     assert np.abs(out["phi"] - ref["phi"]).max() <= PHI_TOL
@@ -146,6 +155,37 @@ def test_early_stopping_keeps_best_and_previous(bundle, local_data, backend):
     assert r.kept_previous and np.array_equal(r.phi, phi0)
     assert r.val_loss_after == r.val_loss_before
     assert r.trained_phi is None or not np.array_equal(r.trained_phi, phi0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trunk_runs_once_per_call(bundle, local_data, backend):
+    """A cached bundle computes the trunk features once per train() call (and once for the
+    validation slice), however many steps and epochs follow; a raw bundle has no trunk."""
+    from edge_agent.trainer import Trainer
+
+    model, bundle_dir = bundle
+    trainer = Trainer(bundle_dir, backend, threads=1)
+    train, val = local_data
+    phi0 = np.zeros((1, 32), np.float32)
+    if not model.cacheable:
+        assert trainer.trunk is None and not trainer.bundle.cached
+        assert trainer.train(phi0, train, epochs=3, batch_size=32, val=val).steps > 0
+        return
+    assert trainer.bundle.train_inputs == ("features", "label")
+    runs = trainer.trunk.runs
+    r = trainer.train(phi0, train, epochs=5, batch_size=32, val=val, patience=10)
+    assert r.steps == 15 and trainer.trunk.runs - runs == 2  # the 96 training samples, the 24 validation samples
+    runs = trainer.trunk.runs
+    trainer.train(phi0, [train, train, val], steps=3)
+    assert trainer.trunk.runs - runs == 2  # a batch given twice is featurised once
+    runs = trainer.trunk.runs
+    trainer.gradient(phi0, train)
+    assert trainer.trunk.runs - runs == 1
+    # What the steps see are the trunk's features of the samples (the PyTorch trunk, to float32 rounding).
+    x = trainer.step_inputs(train)
+    with torch.no_grad():
+        want = model.features(*(torch.from_numpy(train[k]) for k in ("item", "hist", "profile"))).numpy()
+    assert x["features"].shape == want.shape and np.abs(x["features"] - want).max() <= 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

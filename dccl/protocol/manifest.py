@@ -6,17 +6,28 @@ bundle is (format, version, source), what every file hashes to, what a device ma
 and what a correct implementation computes on a fixed batch (``reference``), so a board can check
 itself. Every problem is a ``ManifestError`` whose message names the field or the file.
 
-Keys (``manifest_version`` 1)::
+Keys (``manifest_version`` 2; version 1 manifests are still read: no ``train_inputs``, no
+trunk or head, raw-input train graphs)::
 
   format            "dccl-bundle"
-  manifest_version  1
+  manifest_version  2
   bundle_version    str, e.g. "r0-s1200-3fa9c2d1"
   created           ISO-8601 UTC
   files             {relative path: {"sha256": hex64, "size": int}}   (manifest.json excluded)
-  models            {"inference", "train_step", "encoder" (or null),
+  models            {"inference", "train_step", "encoder" (or null), "trunk" (or null), "head" (or null),
                      "ort_training": {"training_model", "eval_model", "optimizer_model", "checkpoint"}}
+  train_inputs      the batch inputs of both train graphs (training_model and train_step), one of
+                     ["item", "hist", "profile", "label"]   raw inputs: the whole model trains
+                     ["features", "label"]                  cached: the graphs are the prediction head
+                                                            alone; a device computes
+                                                            features = trunk(item, hist, profile) once
+                                                            per sample per round. "trunk" (item, hist,
+                                                            profile -> features) and "head" (features,
+                                                            phi -> logit) are required, and
+                                                            inputs.features is [batch, F] float32.
+                    With raw inputs, "trunk" and "head" are null.
   trainable         {name: {"shape": [int, ...], "dtype": "float32"}}
-  inputs            {"item"|"hist"|"profile"|"label"|"phi": {"dtype", "shape" (ints or "batch"), "vocab"?}}
+  inputs            {"item"|"hist"|"profile"|"label"|"phi"[|"features"]: {"dtype", "shape" (ints or "batch"), "vocab"?}}
   schema            {"n_items", "n_attrs", "max_len", "profile_vocab", "phi_dim"}
   loss              {"name": "bce_with_logits", "formula": str}
   optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse",
@@ -24,7 +35,8 @@ Keys (``manifest_version`` 1)::
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
   reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
-                     absent in older manifests, which ran it at optimizer.lr)
+                     absent in older manifests, which ran it at optimizer.lr; the batch holds raw
+                     inputs whatever train_inputs says)
   source            {"checkpoint_sha256", "step", "round"}
   versions          {package: version}
 """
@@ -44,9 +56,12 @@ from dccl.errors import DcclError
 
 FILE = "manifest.json"
 FORMAT = "dccl-bundle"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # what this code writes
+READABLE_VERSIONS = (1, 2)  # 2 added train_inputs and the trunk / head models
 MAX_MANIFEST_BYTES = 4 << 20
 INPUT_NAMES = ("item", "hist", "profile", "label", "phi")
+RAW_TRAIN_INPUTS = ("item", "hist", "profile", "label")
+CACHED_TRAIN_INPUTS = ("features", "label")
 ORT_TRAINING_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint")
 OPTIMIZER_FLOATS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -92,8 +107,9 @@ def validate(obj: Any) -> dict:
     if fmt != FORMAT:
         raise ManifestError("format", f"{fmt!r}, expected {FORMAT!r}")
     ver = _need(obj, "manifest_version", int, "")
-    if ver != MANIFEST_VERSION:
-        raise ManifestError("manifest_version", f"{ver} is not a version this code reads ({MANIFEST_VERSION})")
+    if ver not in READABLE_VERSIONS:
+        raise ManifestError("manifest_version", f"{ver} is not a version this code reads "
+                                                f"({', '.join(map(str, READABLE_VERSIONS))})")
     if not _need(obj, "bundle_version", str, "").strip():
         raise ManifestError("bundle_version", "empty")
 
@@ -114,8 +130,9 @@ def validate(obj: Any) -> dict:
     for role in ("inference", "train_step"):
         if _need(models, role, str, "models.") not in files:
             raise ManifestError(f"models.{role}", f"{models[role]!r} is not listed in files")
-    if models.get("encoder") is not None and models["encoder"] not in files:
-        raise ManifestError("models.encoder", f"{models['encoder']!r} is not listed in files")
+    for role in ("encoder", "trunk", "head"):
+        if models.get(role) is not None and models[role] not in files:
+            raise ManifestError(f"models.{role}", f"{models[role]!r} is not listed in files")
     ort = _need(models, "ort_training", dict, "models.")
     for role in ORT_TRAINING_ROLES:
         if _need(ort, role, str, "models.ort_training.") not in files:
@@ -142,6 +159,32 @@ def validate(obj: Any) -> dict:
         shape = _need(entry, "shape", list, f"inputs.{name}.")
         if not all(d == "batch" or isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ManifestError(f"inputs.{name}.shape", f"{shape!r}: dims must be ints >= 0 or 'batch'")
+
+    if ver >= 2:
+        _need(obj, "train_inputs", list, "")
+    cached = train_inputs(obj) == CACHED_TRAIN_INPUTS
+    if cached:
+        for role in ("trunk", "head"):
+            if models.get(role) is None:
+                raise ManifestError(f"models.{role}", "missing: train_inputs are the trunk's features, so the bundle "
+                                                      f"must carry the {role} model")
+        entry = _need(inputs, "features", dict, "inputs.")
+        if entry.get("dtype") != "float32":
+            raise ManifestError("inputs.features.dtype", f"{entry.get('dtype')!r}, expected 'float32'")
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == "batch" and isinstance(shape[1], int)
+                and not isinstance(shape[1], bool) and shape[1] >= 1):
+            raise ManifestError("inputs.features.shape", f"{shape!r}, expected ['batch', F] with F >= 1")
+    else:
+        for role in ("trunk", "head"):
+            if models.get(role) is not None:
+                raise ManifestError(f"models.{role}", f"{models[role]!r} given, but train_inputs are the raw "
+                                                      "inputs (a trunk only goes with ['features', 'label'])")
+    portable = obj.get("portable")
+    if isinstance(portable, dict) and isinstance(portable.get("inputs"), list):
+        want = CACHED_TRAIN_INPUTS if cached else RAW_TRAIN_INPUTS
+        if [n for n in portable["inputs"] if n in (*RAW_TRAIN_INPUTS, *CACHED_TRAIN_INPUTS)] != list(want):
+            raise ManifestError("portable.inputs", f"{portable['inputs']!r}: the batch inputs are not train_inputs {list(want)}")
 
     schema = _need(obj, "schema", dict, "")
     for key in ("n_items", "max_len", "phi_dim"):
@@ -176,6 +219,18 @@ def validate(obj: Any) -> dict:
                                 and ref["lr"] > 0):
             raise ManifestError("reference.lr", f"{ref['lr']!r} must be a number > 0")
     return obj
+
+
+def train_inputs(manifest: dict) -> tuple[str, ...]:
+    """The batch inputs of the bundle's train graphs (``RAW_TRAIN_INPUTS`` or ``CACHED_TRAIN_INPUTS``);
+    a version-1 manifest (no ``train_inputs``) has raw-input train graphs."""
+    value = manifest.get("train_inputs")
+    if value is None and manifest.get("manifest_version") == 1:
+        return RAW_TRAIN_INPUTS
+    for allowed in (RAW_TRAIN_INPUTS, CACHED_TRAIN_INPUTS):
+        if value == list(allowed):
+            return allowed
+    raise ManifestError("train_inputs", f"{value!r} is neither {list(RAW_TRAIN_INPUTS)} nor {list(CACHED_TRAIN_INPUTS)}")
 
 
 def load(bundle_dir: str | os.PathLike, *, verify: bool = True) -> dict:

@@ -34,6 +34,7 @@ def main(bundle: str, backend: str, job_path: str, out_path: str) -> None:
     out: dict[str, np.ndarray] = {}
     trainer = Trainer(bundle, backend, threads=1)
     out["backend"] = np.array(trainer.backend)
+    out["cached"] = np.asarray(trainer.bundle.cached)  # steps on trunk features (else on raw inputs)
     keys = ("item", "hist", "profile", "label")
     batches = [{k: job[f"b{i}_{k}"] for k in keys} for i in range(int(job["n_batches"]))]
     phi0 = job["phi0"]
