@@ -13,8 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Export a cloud checkpoint as a device bundle: ORT training artifacts, the portable train-step "
         "graph, the inference and encoder models and manifest.json (hashes, trainable names and shapes, "
-        "input schema, optimiser settings, reference values). The bundle is checked before it is "
-        "moved into place: both edge backends must reproduce the PyTorch reference."
+        "input schema, optimiser settings, reference values). When every patch sits in the prediction MLP "
+        "(the default), the train graphs are the MLP head on trunk features and the bundle carries the "
+        "trunk (a device computes each sample's features once per round). The bundle is checked before "
+        "it is moved into place: both edge backends must reproduce the PyTorch reference."
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="cloud checkpoint (.pt) from the trainer")
     parser.add_argument("--out", required=True, type=Path, help="bundle directory to create (must not exist or be empty)")
@@ -58,5 +60,6 @@ def run(args: argparse.Namespace) -> int:
     size = sum(e["size"] for e in manifest["files"].values())
     (name, spec), = manifest["trainable"].items()
     print(f"bundle {manifest['bundle_version']} -> {args.out} ({len(manifest['files'])} files, {size / 1024:.0f} KiB); "
-          f"trainable {name} {spec['shape']}; contract check passed (ort-training, portable)")
+          f"trainable {name} {spec['shape']}; train graphs on "
+          f"{'trunk features' if manifest['models'].get('trunk') else 'raw inputs'}; contract check passed (ort-training, portable)")
     return 0
