@@ -222,7 +222,7 @@ def main() -> None:
     model, seqs, profile = build(args.data)
     assert model.cacheable  # the default patches (mlp.0, mlp.2): the device path is the cached one
     print(f"model: n_items=1682, genres 19+1, profile {model.base.config.profile_vocab}, L={model.base.config.max_len}, "
-          f"phi {model.phi_dim}, patches {list(model.config.target_modules)}, trunk features F={model.base.feature_dim}; "
+          f"phi {model.phi_dim}, patches {list(model.config.target_modules)}, trunk features F={model.feature_dim}; "
           f"torch {torch.__version__}, 1 thread")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

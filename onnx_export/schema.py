@@ -44,7 +44,7 @@ def input_schema(model: MetaPatchModel, cached: bool = False) -> dict[str, dict]
         "phi": {"dtype": "float32", "shape": [1, model.phi_dim]},
     }
     if cached:
-        out[FEATURES] = {"dtype": "float32", "shape": [BATCH, model.base.feature_dim]}
+        out[FEATURES] = {"dtype": "float32", "shape": [BATCH, model.feature_dim]}
     return out
 
 

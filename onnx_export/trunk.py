@@ -1,7 +1,9 @@
 """The trunk / head split of a bundle whose patches all sit in the prediction MLP.
 
-Nothing before the MLP depends on φ, so a device computes the trunk features of each local sample
-once per training round and every step runs only the head (forward, backward to φ, AdamW):
+Nothing before the first patch depends on φ — the MLP's input, nor the first patched layer's base
+Linear, whose output is all its patch reads — so a device computes those features of each local
+sample once per training round and every step runs only the rest of the head (forward, backward to
+φ, AdamW); see ``MetaPatchModel.features`` / ``head``:
 
   trunk.onnx   item [B], hist [B, L], profile [B, P] -> features [B, F]   (plain inference graph)
   head.onnx    features [B, F], phi [1, m] -> logit [B]                    (validation losses)

@@ -25,7 +25,9 @@ from onnx_fixtures import DEVICE_CFG, RAW_TARGETS, ml100k_model, shared_bundle
 RAW_FILES = {"manifest.json", "inference.onnx", "train_step.onnx", "encoder.onnx", "training_model.onnx",
              "eval_model.onnx", "optimizer_model.onnx", "checkpoint"}
 FILES = RAW_FILES | {"trunk.onnx", "head.onnx"}
-F = 3 * 32 + 3 * 8  # trunk features: target, interest, target * interest (2 x 16 each), 3 profile embeddings
+# Cached trunk features: the output of mlp.0's base Linear (its 64 units), the first patched layer —
+# not the MLP's input x (3 x 32 + 3 x 8 = 120): the patch reads only that output.
+F = 64
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,9 @@ def test_artifacts_properties(bundle):
         assert onnx.load(str(d / name)).ir_version <= 10, name  # ORT 1.19 reads IR <= 10
     training = onnx.load(str(d / "training_model.onnx")).graph
     # Parameters keep their state_dict names; the only gradient is φ's.
-    assert {i.name for i in training.input} >= {"metapatch_phi", "base.mlp.0.shared_theta", "base.mlp.0.base_layer.weight"}
+    assert {i.name for i in training.input} >= {"metapatch_phi", "base.mlp.0.shared_theta", "base.mlp.2.base_layer.weight"}
+    # mlp.0's base Linear is in the trunk (its output is the cached feature), not in the train graph.
+    assert "base.mlp.0.base_layer.weight" not in {i.name for i in training.input}
     assert {i.name for i in training.input if i.name.startswith("base.")} <= state_names
     assert [o.name for o in training.output if "_grad" in o.name] == ["metapatch_phi_grad.accumulation.out"]
     step = onnx.load(str(d / "train_step.onnx"))
@@ -295,8 +299,8 @@ def test_contract_check_catches_train_graphs_on_the_wrong_inputs(bundle, raw_bun
         check_bundle(d)
     d = _copy(bundle[1], tmp_path / "b")
     _rewrite_manifest(d, lambda m: m["inputs"]["features"].update(shape=["batch", F + 1]))
-    with pytest.raises(ContractError, match=r"train_step.onnx input 'features' has shape \['batch', 120\], "
-                                            r"manifest says \['batch', 121\]"):
+    with pytest.raises(ContractError, match=rf"train_step.onnx input 'features' has shape \['batch', {F}\], "
+                                            rf"manifest says \['batch', {F + 1}\]"):
         check_bundle(d)
 
 

@@ -70,7 +70,12 @@ def test_trunk_head_split(targets, cacheable, full):
     patched = m(b["item"], b["hist"], b["profile"], phi=phi)
     if cacheable:
         feats = m.features(b["item"], b["hist"], b["profile"])
-        assert torch.equal(feats, x)
+        # The cache holds the first patched layer's base output (what its patch reads), not x.
+        i = min(int(t.split(".")[1]) for t in targets)
+        first = m.base.mlp[i]
+        assert torch.equal(feats, first.base_layer(m.base.mlp[:i](x)))
+        assert feats.shape == (40, m.feature_dim) == (40, first.base_layer.out_features)
+        assert torch.equal(feats, m.features(b["item"], b["hist"], b["profile"]))
         assert torch.allclose(m.head(feats, phi), patched, atol=1e-6)
         many = phi.expand(40, -1).contiguous()
         assert torch.allclose(m.head(feats, many), m(b["item"], b["hist"], b["profile"], phi=many), atol=1e-6)

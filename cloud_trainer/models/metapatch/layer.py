@@ -46,7 +46,12 @@ class MetaPatchLayer(nn.Module):
         return w_down.reshape(n, r, d), b_down, w_up.reshape(n, d, r), b_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base_layer(x)
+        return self.patch(self.base_layer(x))
+
+    def patch(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual patch on the base layer's output ``h`` under the current φ (``h`` itself
+        without one). The patch reads only ``h``, never the layer's input, which is why a device
+        may cache ``h`` of its first patched layer (``MetaPatchModel.features``)."""
         phi = self._phi
         if phi is None:
             return h

@@ -4,8 +4,9 @@ The device-trainable parameters are found structurally (names starting with PREF
 hand-written lists; ``patch_state_dict`` / ``load_patch_state_dict`` move only the small thing.
 
 When every patch sits in the base model's head (``cacheable``), the model splits into
-``features(item, hist, profile) -> x`` (independent of φ) and ``head(x, phi) -> logit``, and
-``head(features(...), phi) == forward(..., phi)``.
+``features(item, hist, profile)`` (independent of φ: the trunk, the head up to the first patched
+layer and that layer's base Linear) and ``head(features, phi) -> logit`` (the first patch and the
+rest of the head), and ``head(features(...), phi) == forward(..., phi)``.
 """
 
 from __future__ import annotations
@@ -71,21 +72,57 @@ class MetaPatchModel(nn.Module):
         """State-dict prefix of everything ``head`` reads (the head module, its patches, Θ)."""
         return f"base.{getattr(self.base, 'HEAD', HEAD)}."
 
+    def _cut(self) -> tuple[nn.Sequential, int] | None:
+        """(head, i): the head as a Sequential and the index of its first patched layer. The
+        trunk runs through that layer's *base* Linear: its output is what the patch reads
+        (``MetaPatchLayer.patch``) and it does not depend on φ. None: the head is not a
+        Sequential (or a patch sits outside it), so the cut stays at the head's input."""
+        if not self.cacheable:
+            return None
+        head = self.base.get_submodule(getattr(self.base, "HEAD", HEAD))
+        if not isinstance(head, nn.Sequential):
+            return None
+        for i, m in enumerate(head):
+            if isinstance(m, MetaPatchLayer):
+                return head, i
+        return None
+
+    @property
+    def feature_dim(self) -> int:
+        """F: width of the cached trunk features (the first patched layer's base output)."""
+        cut = self._cut()
+        return self.base.feature_dim if cut is None else cut[0][cut[1]].base_layer.out_features
+
     def features(self, item, hist, profile) -> torch.Tensor:
-        """The trunk features x (B, F); they do not depend on φ (only for a ``cacheable`` config)."""
+        """The trunk features (B, F): everything up to and including the base Linear of the first
+        patched layer of the head. They do not depend on φ (only for a ``cacheable`` config)."""
         if not self.cacheable:
             raise ValueError(f"metapatch.target_modules {list(self.config.target_modules)}: a patch outside the "
                              "head makes the trunk features depend on φ; they cannot be computed without it")
-        return self.base.features(item, hist, profile)
+        x = self.base.features(item, hist, profile)
+        cut = self._cut()
+        if cut is None:
+            return x
+        head, i = cut
+        for m in head[:i]:
+            x = m(x)
+        return head[i].base_layer(x)
 
     def head(self, features: torch.Tensor, phi: torch.Tensor | None = None) -> torch.Tensor:
-        """logit (B,) from the trunk features x (B, F) with the head's patches under ``phi``
+        """logit (B,) from the trunk features (B, F) with the head's patches under ``phi``
         (None = this model's own φ; (1, m) or (B, m) as in ``forward``)."""
         phi = self.metapatch_phi if phi is None else phi
         for layer in self.patch_layers:
             layer.set_phi(phi)
         try:
-            return self.base.head(features)
+            cut = self._cut()
+            if cut is None:
+                return self.base.head(features)
+            head, i = cut
+            h = head[i].patch(features)
+            for m in head[i + 1:]:
+                h = m(h)
+            return h.squeeze(-1)    # as the base model's head: the last Linear gives (B, 1)
         finally:
             for layer in self.patch_layers:
                 layer.set_phi(None)
