@@ -84,8 +84,9 @@ def main() -> int:
     if args.part in ("synthetic", "both"):
         r = synthetic(args.devices, out / "synthetic")
         summary["synthetic_seconds"] = r["total_seconds"]
-        summary["synthetic_devices_per_s"] = {f"{p['phase']} r{p['round']}": round(p["devices_per_s"], 1)
-                                              for p in r["phases"] if "devices_per_s" in p}
+        summary["synthetic_devices_per_s"] = {
+            f"{p['phase']}" + ("" if p["round"] is None else f" r{p['round'] + 1}.{p['session'] + 1}"):
+            round(p["devices_per_s"], 1) for p in r["phases"] if "devices_per_s" in p}
         summary["synthetic_peak_rss_mb"] = r["pool_peak_rss_mb"]
     print("\n" + json.dumps(summary, indent=1))
     print(f"bench wall time {time.time() - t0:.0f} s")

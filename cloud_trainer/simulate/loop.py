@@ -125,14 +125,17 @@ class Simulation:
 
     # ---- bookkeeping ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def phase(self, name: str, round_: int | None = None, devices: int | None = None):
+    def phase(self, name: str, round_: int | None = None, devices: int | None = None, session: int | None = None):
         p = self.opts.progress
         if p is not None:
             p.phase(name)
         t0 = time.perf_counter()
         yield
-        dt = time.perf_counter() - t0
+        self._phase_end = time.perf_counter()
+        dt = self._phase_end - t0
         entry = {"phase": name, "round": round_, "seconds": dt}
+        if session is not None:
+            entry["session"] = session
         if devices:
             entry["devices"] = devices
             entry["devices_per_s"] = devices / dt if dt > 0 else float("inf")
@@ -208,12 +211,18 @@ class Simulation:
         cfg, fleet, n = self.cfg, self.fleet, self.ds.n_users
         version = f"r{r}.{k}-{self.prefix[-8:]}"
         bdir = self.out / "bundles" / version
-        with self.phase("cloud: export bundle", r):
+        # The cloud's work between two fleet sessions runs inside the strategy's round (MoMoDistill
+        # step 1 + 2 and the metrics before session 1; the previous round's metrics before session 0).
+        gap = time.perf_counter() - getattr(self, "_phase_end", time.perf_counter())
+        if self.phases and self.phases[-1]["phase"] == "devices: train + upload patches":
+            self.phases.append({"phase": "cloud: MoMoDistill step 1 + 2, metrics" if k == 1 else "cloud: metrics",
+                                "round": r if k == 1 else r - 1, "seconds": gap})
+        with self.phase("cloud: export bundle", r, session=k):
             from onnx_export.bundle import write_bundle
             manifest = write_bundle(strategy.model, strategy.encoder, bdir, version=version, cfg=cfg.device,
                                     source={"simulate": self.prefix, "round": r}, overwrite=True)
             self.validator.spec = load_spec(manifest["trainable"])
-        with self.phase("bundle -> devices (MQTT)", r, devices=n):
+        with self.phase("bundle -> devices (MQTT)", r, devices=n, session=k):
             self._publish_bundle(bdir, version)
             self._wait(lambda st: sum(s.get("model_version") == version for s in st) == len(st),
                        "pools to switch to " + version, r)
@@ -221,7 +230,7 @@ class Simulation:
         # "round" counts the fleet's training sessions (two per round); "data_round" seeds the samples.
         clock = {"round": 2 * r + k, "data_round": r, "bundle_version": version, "fresh_from": lo, "until": hi,
                  "resend": []}
-        with self.phase("devices: train + upload patches", r, devices=n):
+        with self.phase("devices: train + upload patches", r, devices=n, session=k):
             self.publisher.publish([(sim_topic(self.prefix), json.dumps(clock).encode())])
             latest = self._collect(version, r, clock)
         phi = torch.zeros_like(phi0)

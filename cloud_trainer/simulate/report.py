@@ -49,11 +49,15 @@ def counts_table(results: dict) -> str:
 
 
 def phases_table(results: dict) -> str:
-    lines = ["| phase | round | seconds | devices/s |", "|---|---|---|---|"]
+    lines = ["| phase | round | session | seconds | devices/s |", "|---|---|---|---|---|"]
     for p in results["phases"]:
         r = "" if p["round"] is None else str(p["round"] + 1)
+        # Session 1: devices train on the bundle they hold; 2: on the bundle MoMoDistill produced.
+        k = "" if p.get("session") is None else str(p["session"] + 1)
         dps = f"{p['devices_per_s']:.1f}" if "devices_per_s" in p else ""
-        lines.append(f"| {p['phase']} | {r} | {p['seconds']:.1f} | {dps} |")
+        lines.append(f"| {p['phase']} | {r} | {k} | {p['seconds']:.1f} | {dps} |")
+    rest = results["total_seconds"] - sum(p["seconds"] for p in results["phases"])
+    lines.append(f"| (final metrics, report, shutdown) | | | {rest:.1f} | |")
     return "\n".join(lines)
 
 
@@ -102,8 +106,12 @@ def plots(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 4))
         names = list(dict.fromkeys(p["phase"] for p in phases))
         for i, name in enumerate(names):
-            xs = [p["round"] + 1 + (i - len(names) / 2) * 0.15 for p in phases if p["phase"] == name]
-            ax.bar(xs, [p["seconds"] for p in phases if p["phase"] == name], 0.15, label=name)
+            per_round: dict[int, float] = {}           # both fleet sessions of a round in one bar
+            for p in phases:
+                if p["phase"] == name:
+                    per_round[p["round"]] = per_round.get(p["round"], 0.0) + p["seconds"]
+            xs = [r + 1 + (i - len(names) / 2) * 0.12 for r in per_round]
+            ax.bar(xs, list(per_round.values()), 0.12, label=name)
         ax.set_xlabel("round")
         ax.set_ylabel("seconds")
         ax.set_xticks(range(1, R + 1))
