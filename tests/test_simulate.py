@@ -217,3 +217,24 @@ def test_a_patch_lost_after_the_broker_acked_it_is_requested_again(tmp_path):
     with sqlite3.connect(tmp_path / "run" / "patches.db") as db:
         again = db.execute("SELECT device_id FROM patches WHERE message_id = ?", (lost[0][1],)).fetchall()
     assert again == [(lost[0][0],)]
+
+
+def test_a_second_run_into_the_same_out_starts_clean_and_a_concurrent_one_is_refused(tmp_path):
+    """The README's main command runs into runs/demo every time: a rerun must not find the
+    previous run's device states (devices would believe they had trained already and the round
+    would never complete), and two runs must never share one --out."""
+    import fcntl
+
+    from cloud_trainer.simulate.loop import SimOptions, Simulation
+    from dccl.errors import DcclError
+
+    cfg, ds = _tiny(**{"rounds": 1, "data.synthetic_users": 20})
+    out = tmp_path / "run"
+    for _ in range(2):
+        res = Simulation(cfg, ds, out, SimOptions(pools=1, round_timeout_s=300)).run()
+        assert res["counts"]["stored"] == ds.n_users * 2, res["counts"]   # this run's patches only
+    with open(out / ".simulate.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DcclError, match="another dccl simulate is running there"):
+            Simulation(cfg, ds, out, SimOptions(pools=1)).run()
+    assert (out / "fleet").exists(), "a refused run deletes nothing"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from dccl.errors import DcclError
 from dccl.protocol.broker import parse_broker_url
 from dccl.protocol.topics import Topics
 from edge_agent.pool import sim_topic
+
+log = logging.getLogger("dccl.simulate")
 
 KEYS = ("dccl-start", "dccl", "momodistill")
 KIND = {"dccl-start": "device", "dccl": "device", "momodistill": "cloud"}
@@ -150,9 +153,34 @@ class Simulation:
         return report
 
     # ---- the run ---------------------------------------------------------------------------
+    RUN_STATE = ("fleet", "broker", "bundles", "patches.db", "patches.db-wal", "patches.db-shm")
+
+    def _claim_out(self) -> None:
+        """One run per --out at a time (a lock held for the run); a previous run's state there
+        (device stores, states and outboxes, broker persistence, bundles, the patch store) is
+        removed first — a device that finds its old state would believe it had already trained
+        this round. Its report.md / results.json are replaced at the end."""
+        import fcntl
+        import shutil
+
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(out / ".simulate.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise DcclError(f"--out {out}: another dccl simulate is running there") from None
+        stale = [out / n for n in self.RUN_STATE if (out / n).exists()]
+        if stale:
+            log.info("--out %s: removing the previous run's state (%s)", out, ", ".join(p.name for p in stale))
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
     def run(self) -> dict:
         cfg, ds, out = self.cfg, self.ds, self.out
-        out.mkdir(parents=True, exist_ok=True)
+        self._claim_out()
         t_start = time.perf_counter()
         try:
             with self.phase("broker"):
@@ -340,6 +368,9 @@ class Simulation:
             self.store.close()
         if self.broker is not None:
             self.broker.stop()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()      # releases the flock
+            self._lock = None
 
     def results(self) -> dict:
         rounds = []
