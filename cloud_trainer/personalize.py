@@ -19,7 +19,7 @@ from cloud_trainer.train import Batch, take, trainable_only
 @dataclass
 class DeviceTrainConfig:
     steps: int = 20  # AdamW steps on the device's local training samples (full batch)
-    lr: float = 0.05
+    lr: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

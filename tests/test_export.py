@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 
+from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.checkpoint import save_checkpoint
 from dccl.cli import main as dccl_main
 from dccl.protocol import manifest as mf
@@ -28,6 +29,7 @@ FILES = RAW_FILES | {"trunk.onnx", "head.onnx"}
 # Cached trunk features: the output of mlp.0's base Linear (its 64 units), the first patched layer —
 # not the MLP's input x (3 x 32 + 3 x 8 = 120): the patch reads only that output.
 F = 64
+PHI = MetaPatchConfig().phi_dim  # the shared test bundles' φ size (the default)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +70,11 @@ def test_layout_and_manifest(bundle):
     assert (m["models"]["trunk"], m["models"]["head"]) == ("trunk.onnx", "head.onnx")
     assert m["inputs"]["features"] == {"dtype": "float32", "shape": ["batch", F]}
     assert m["portable"]["inputs"][-2:] == ["features", "label"]
-    assert m["trainable"] == {"metapatch_phi": {"shape": [1, 32], "dtype": "float32"}}
+    assert m["trainable"] == {"metapatch_phi": {"shape": [1, 64], "dtype": "float32"}}
     assert m["inputs"]["item"] == {"dtype": "int64", "shape": ["batch"], "vocab": 1683}
     assert m["inputs"]["hist"]["shape"] == ["batch", 20]
     assert m["inputs"]["profile"] == {"dtype": "int64", "shape": ["batch", 3], "vocab": [8, 3, 22]}
-    assert m["schema"] == {"n_items": 1682, "n_attrs": 20, "max_len": 20, "profile_vocab": [8, 3, 22], "phi_dim": 32}
+    assert m["schema"] == {"n_items": 1682, "n_attrs": 20, "max_len": 20, "profile_vocab": [8, 3, 22], "phi_dim": 64}
     opt = m["optimizer"]
     assert (opt["lr"], opt["weight_decay"], opt["steps"], opt["eps"]) == (0.05, 0.01, 20, 1e-8)
     assert {"torch", "onnx", "onnxruntime-training-cpu", "numpy", "python"} <= set(m["versions"])
@@ -139,7 +141,7 @@ def test_trunk_and_head_match_pytorch(bundle):
 
     model, d = bundle
     b = example_batch(model, 300, seed=11)
-    phi = (np.random.default_rng(1).standard_normal((1, 32)) * 0.3).astype(np.float32)
+    phi = (np.random.default_rng(1).standard_normal((1, model.phi_dim)) * 0.3).astype(np.float32)
     tb = {k: torch.from_numpy(v) for k, v in b.items()}
     with torch.no_grad():
         want_x = model.features(tb["item"], tb["hist"], tb["profile"]).numpy()
@@ -163,7 +165,7 @@ def test_portable_graph_keeps_eps_and_dynamic_batch(kind):
     sess = ort.InferenceSession(str(d / "train_step.onnx"), providers=["CPUExecutionProvider"])
     trunk = ort.InferenceSession(str(d / "trunk.onnx"), providers=["CPUExecutionProvider"]) if kind == "cached" else None
     f = lambda x: np.asarray(x, np.float32)  # noqa: E731
-    phi = np.zeros((1, 32), np.float32)
+    phi = np.zeros((1, PHI), np.float32)
     for n in (1, 7, 300):
         b = example_batch(model, n, seed=n)
         if trunk is not None:
@@ -171,7 +173,7 @@ def test_portable_graph_keeps_eps_and_dynamic_batch(kind):
         feeds = dict(phi=phi, m=phi, v=phi, step=np.asarray(0, np.int64), lr=f(0.05), beta1=f(0.9),
                      beta2=f(0.999), eps=f(1e-8), weight_decay=f(0.0), **b)
         out = sess.run(None, feeds)
-        assert out[0].shape == (1, 32) and np.isfinite(out[4])
+        assert out[0].shape == (1, PHI) and np.isfinite(out[4])
         big_eps = sess.run(None, dict(feeds, eps=f(1.0)))
         assert np.abs(out[0] - big_eps[0]).max() > 1e-3
 
@@ -309,7 +311,7 @@ def test_contract_check_names_the_parameter(bundle, tmp_path):
     # The manifest promises another shape for φ.
     d = _copy(src, tmp_path / "a")
     _rewrite_manifest(d, lambda m: m["trainable"]["metapatch_phi"].update(shape=[1, 16]))
-    with pytest.raises(ContractError, match=r"'metapatch_phi' has shape \[1, 32\] in checkpoint, manifest says \[1, 16\]"):
+    with pytest.raises(ContractError, match=rf"'metapatch_phi' has shape \[1, {PHI}\] in checkpoint, manifest says \[1, 16\]"):
         check_bundle(d)
     # The manifest names a parameter the artifacts do not train.
     d = _copy(src, tmp_path / "b")

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.personalize import train_phi
 from onnx_export.schema import example_batch
 from onnx_fixtures import DEVICE_CFG, shared_bundle
@@ -30,6 +31,7 @@ SCRIPT = ROOT / "tests" / "edge_scripts" / "run_edge.py"
 N_STEPS = 8
 BATCH = 32
 PHI_TOL, GRAD_TOL, LOGIT_TOL = 1e-4, 1e-5, 1e-5
+PHI = MetaPatchConfig().phi_dim  # the shared test bundles' φ size (the default)
 KEYS = ("item", "hist", "profile", "label")
 
 
@@ -128,7 +130,7 @@ def test_budgets(bundle, local_data, backend):
 
     trainer = Trainer(bundle[1], backend, threads=1)
     train, _ = local_data
-    phi0 = np.zeros((1, 32), np.float32)
+    phi0 = np.zeros((1, PHI), np.float32)
     assert trainer.train(phi0, train, steps=3).steps == 3
     r = trainer.train(phi0, train, epochs=2, batch_size=32)
     assert (r.steps, r.stopped) == (6, "epochs")
@@ -144,7 +146,7 @@ def test_early_stopping_keeps_best_and_previous(bundle, local_data, backend):
 
     trainer = Trainer(bundle[1], backend, threads=1)
     train, val = local_data
-    phi0 = np.zeros((1, 32), np.float32)
+    phi0 = np.zeros((1, PHI), np.float32)
     r = trainer.train(phi0, train, epochs=50, batch_size=32, val=val, patience=2)
     assert r.val_loss_before is not None and r.val_loss_after <= r.val_loss_before
     assert math.isclose(r.val_loss_after, trainer.scorer.loss(r.phi, val), rel_tol=1e-6)
@@ -166,7 +168,7 @@ def test_trunk_runs_once_per_call(bundle, local_data, backend):
     model, bundle_dir = bundle
     trainer = Trainer(bundle_dir, backend, threads=1)
     train, val = local_data
-    phi0 = np.zeros((1, 32), np.float32)
+    phi0 = np.zeros((1, PHI), np.float32)
     if not model.cacheable:
         assert trainer.trunk is None and not trainer.bundle.cached
         assert trainer.train(phi0, train, epochs=3, batch_size=32, val=val).steps > 0
@@ -194,9 +196,9 @@ def test_bad_input_is_a_clear_error(bundle, local_data, backend):
 
     trainer = Trainer(bundle[1], backend, threads=1)
     train, _ = local_data
-    ok = np.zeros((1, 32), np.float32)
+    ok = np.zeros((1, PHI), np.float32)
     with pytest.raises(TrainerError, match="phi0: contains NaN"):
-        trainer.train(np.full((1, 32), np.nan, np.float32), train, steps=1)
+        trainer.train(np.full((1, PHI), np.nan, np.float32), train, steps=1)
     with pytest.raises(TrainerError, match="phi0: 16 values"):
         trainer.train(np.zeros(16, np.float32), train, steps=1)
     with pytest.raises(TrainerError, match="no local training samples"):
@@ -221,9 +223,9 @@ def test_loss_stays_finite_for_huge_logits(bundle):
     trainer = Trainer(bundle_dir, "ort-training", threads=1)
     batch = example_batch(model, 32, seed=400)
     # Find a φ that makes the logits huge, then train from there.
-    phi = np.zeros((1, 32), np.float32)
+    phi = np.zeros((1, PHI), np.float32)
     for scale in (10, 30, 100, 300, 1000):
-        phi = np.ones((1, 32), np.float32) * scale
+        phi = np.ones((1, PHI), np.float32) * scale
         if np.abs(trainer.scorer.score(phi, batch["item"], batch["hist"], batch["profile"])).min() > 17:
             break
     else:

@@ -14,7 +14,7 @@ class MetaPatchConfig:
     # Defaults: both hidden layers of the prediction MLP (how this user's interest maps to a click).
     # "attention.key" patches the attention unit (which history items matter) at ~1.5x the cost.
     target_modules: tuple[str, ...] = ("mlp.0", "mlp.2")
-    phi_dim: int = 32  # m: size of the per-device metapatch φ (the only thing a device trains)
+    phi_dim: int = 64  # m: size of the per-device metapatch φ (the only thing a device trains)
     bottleneck: int = 4  # r: rank of each patch's down/up projections
     # full=True is the "per-user full patch" baseline: θ_l is trained directly per device (Θ = I,
     # φ = all patch weights), i.e. no meta decomposition.
