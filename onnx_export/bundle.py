@@ -27,7 +27,6 @@ failed export never leaves a half-written bundle where a publisher could pick it
 from __future__ import annotations
 
 import dataclasses
-
 import datetime as _dt
 import os
 import platform
