@@ -2,8 +2,9 @@
 
 The round is the in-process reference itself: ``cloud_trainer.strategies.DCCL.run_round`` runs
 unchanged, except that its calls to ``personalize_all`` (every device training its φ: on the bundle
-it holds, then on the bundle MoMoDistill produced) are served by the fleet: the current W_f, Θ and encoder are exported as a bundle, announced over
-MQTT with ``publish_bundle`` (what ``dccl model publish`` runs), the agent pools fetch it, each virtual device trains on-device with ONNX Runtime and
+it holds, then on the bundle MoMoDistill produced) are served by the fleet: the current W_f, Θ and
+encoder are exported as a bundle and announced over MQTT with ``publish_bundle`` (what ``dccl model
+publish`` runs), the agent pools fetch it, each virtual device trains on-device with ONNX Runtime and
 publishes a signed patch, ingest stores it, and the φ table handed back to the strategy is read
 from the patch store. MoMoDistill step 1 and step 2 then run on it exactly as in
 ``dccl experiment``. Device-model metrics are computed by the cloud from the uploaded φ on the
