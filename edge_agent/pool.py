@@ -453,7 +453,7 @@ class Pool:
                 val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common)
                 before, after = tr.scorer.loss(phi0, val), tr.scorer.loss(phi, val)
                 metrics.update(val_before=before, val_after=after)
-                if b.manifest["optimizer"].get("keep_if_worse", True) and after > before:
+                if opt.get("keep_if_worse", True) and after > before:
                     phi = phi0           # the reference rule: keep the starting φ if validation got worse
                     metrics["kept_previous"] = 1.0
                     self.stats["kept_previous"] += 1
