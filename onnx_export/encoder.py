@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cloud_trainer.models.encoder import PatchEncoder
-from onnx_export.schema import BATCH, cap_ir
+from onnx_export.schema import export_graph
 
 FILE = "encoder.onnx"
 INPUTS = ("profile", "hist", "phi_prev")
@@ -27,14 +27,5 @@ def export(encoder: PatchEncoder, max_len: int, path: str | os.PathLike) -> None
         if cfg.profile_vocab else torch.zeros(2, 0, dtype=torch.int64)
     hist = torch.from_numpy(rng.integers(0, cfg.n_items + 1, (2, max_len)).astype(np.int64))
     phi_prev = torch.zeros(2, cfg.phi_dim)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        torch.onnx.export(
-            encoder, (profile, hist, phi_prev), os.fspath(path), dynamo=False, opset_version=OPSET,
-            input_names=list(INPUTS), output_names=[OUTPUT],
-            dynamic_axes={n: {0: BATCH} for n in (*INPUTS, OUTPUT)}, do_constant_folding=True,
-        )
-    finally:
-        encoder.train(was_training)
-    cap_ir(path)
+    export_graph(encoder, lambda e, profile, hist, phi_prev: e(profile, hist, phi_prev), (profile, hist, phi_prev),
+                 path, inputs=INPUTS, output=OUTPUT, batch=(*INPUTS, OUTPUT), opset=OPSET)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
 from cloud_trainer.models.metapatch import MetaPatchModel
-from onnx_export.schema import BATCH, cap_ir, example_batch
+from onnx_export.schema import example_batch, export_graph
 
 FILE = "inference.onnx"
 INPUTS = ("item", "hist", "profile", "phi")
@@ -21,28 +20,9 @@ OUTPUT = "logit"
 OPSET = 17
 
 
-class _PhiAsInput(nn.Module):
-    def __init__(self, model: MetaPatchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, item, hist, profile, phi):
-        return self.model(item, hist, profile, phi=phi)
-
-
 def export(model: MetaPatchModel, path: str | os.PathLike) -> None:
     ex = {k: torch.from_numpy(v) for k, v in example_batch(model, 2, seed=0).items()}
     phi = torch.zeros(1, model.phi_dim)
-    was_training = model.training
-    model.eval()
-    try:
-        torch.onnx.export(
-            _PhiAsInput(model), (ex["item"], ex["hist"], ex["profile"], phi), os.fspath(path), dynamo=False,
-            opset_version=OPSET, input_names=list(INPUTS), output_names=[OUTPUT],
-            dynamic_axes={"item": {0: BATCH}, "hist": {0: BATCH}, "profile": {0: BATCH}, OUTPUT: {0: BATCH}},
-            do_constant_folding=True,
-        )
-    finally:
-        model.train(was_training)
-    cap_ir(path)
-
+    export_graph(model, lambda m, item, hist, profile, phi: m(item, hist, profile, phi=phi),
+                 (ex["item"], ex["hist"], ex["profile"], phi), path, inputs=INPUTS, output=OUTPUT,
+                 batch=("item", "hist", "profile", OUTPUT), opset=OPSET)

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from cloud_trainer.models.metapatch import MetaPatchModel
 
@@ -89,6 +90,36 @@ def example_batch(model: MetaPatchModel, n: int, seed: int = 0) -> dict[str, np.
     label = (np.arange(n) % 2).astype(np.float32)
     rng.shuffle(label)
     return {"item": item, "hist": hist, "profile": profile, "label": label}
+
+
+class _Call(nn.Module):
+    """``fn(module, *inputs)`` as a module (the module's tensors keep their names in the graph)."""
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.model = module  # "model.": the prefix the graphs' tensor names had before this helper
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
+
+
+def export_graph(module: nn.Module, fn, args: tuple, path: str | os.PathLike, *, inputs: tuple[str, ...],
+                 output: str, batch: tuple[str, ...], opset: int = 17) -> None:
+    """An inference graph of ``fn(module, *args)`` (module in eval mode, restored after): the legacy
+    exporter at ``opset`` with constant folding, axis 0 of ``batch`` dynamic, IR capped for ORT 1.19
+    (``cap_ir``) — how the device bundle's inference, trunk, head and encoder graphs are made."""
+    was_training = module.training
+    module.eval()
+    try:
+        torch.onnx.export(
+            _Call(module, fn), args, os.fspath(path), dynamo=False, opset_version=opset,
+            input_names=list(inputs), output_names=[output],
+            dynamic_axes={n: {0: BATCH} for n in batch}, do_constant_folding=True,
+        )
+    finally:
+        module.train(was_training)
+    cap_ir(path)
 
 
 def cap_ir(path: str | os.PathLike) -> None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
 from cloud_trainer.models.metapatch import MetaPatchModel
-from onnx_export.schema import BATCH, FEATURES, RAW_INPUTS, cap_ir, example_batch, example_features
+from onnx_export.schema import FEATURES, RAW_INPUTS, example_batch, example_features, export_graph
 
 TRUNK_FILE = "trunk.onnx"
 HEAD_FILE = "head.onnx"
@@ -30,50 +29,14 @@ OUTPUT = "logit"
 OPSET = 17
 
 
-class _Trunk(nn.Module):
-    def __init__(self, model: MetaPatchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, item, hist, profile):
-        return self.model.features(item, hist, profile)
-
-
-class _Head(nn.Module):
-    def __init__(self, model: MetaPatchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, features, phi):
-        return self.model.head(features, phi=phi)
-
-
 def export_trunk(model: MetaPatchModel, path: str | os.PathLike) -> None:
     ex = {k: torch.from_numpy(v) for k, v in example_batch(model, 2, seed=0).items()}
-    was_training = model.training
-    model.eval()
-    try:
-        torch.onnx.export(
-            _Trunk(model), (ex["item"], ex["hist"], ex["profile"]), os.fspath(path), dynamo=False,
-            opset_version=OPSET, input_names=list(RAW_INPUTS), output_names=[FEATURES],
-            dynamic_axes={n: {0: BATCH} for n in (*RAW_INPUTS, FEATURES)}, do_constant_folding=True,
-        )
-    finally:
-        model.train(was_training)
-    cap_ir(path)
+    export_graph(model, lambda m, item, hist, profile: m.features(item, hist, profile),
+                 (ex["item"], ex["hist"], ex["profile"]), path, inputs=RAW_INPUTS, output=FEATURES,
+                 batch=(*RAW_INPUTS, FEATURES), opset=OPSET)
 
 
 def export_head(model: MetaPatchModel, path: str | os.PathLike) -> None:
-    features = example_features(model, 2, seed=0)
-    phi = torch.zeros(1, model.phi_dim)
-    was_training = model.training
-    model.eval()
-    try:
-        torch.onnx.export(
-            _Head(model), (features, phi), os.fspath(path), dynamo=False, opset_version=OPSET,
-            input_names=list(HEAD_INPUTS), output_names=[OUTPUT],
-            dynamic_axes={FEATURES: {0: BATCH}, OUTPUT: {0: BATCH}}, do_constant_folding=True,
-        )
-    finally:
-        model.train(was_training)
-    cap_ir(path)
+    export_graph(model, lambda m, features, phi: m.head(features, phi=phi),
+                 (example_features(model, 2, seed=0), torch.zeros(1, model.phi_dim)), path, inputs=HEAD_INPUTS,
+                 output=OUTPUT, batch=(FEATURES, OUTPUT), opset=OPSET)
