@@ -39,6 +39,14 @@ class DataConfig:
 
 
 @validated_dataclass(config=FORBID)
+class StartConfig:
+    """What a device starts from on a new bundle (shipped inside encoder.onnx; see
+    ``PatchEncoder.start``). Chosen on validation slices when tuning."""
+    warm: Literal["encoder", "previous", "zero"] = "encoder"  # a device with a previous φ
+    cold: Literal["encoder", "zero"] = "encoder"  # a device without one (cold start)
+
+
+@validated_dataclass(config=FORBID)
 class CloudConfig:
     emb_dim: int = Field(default=16, ge=2)
     mlp_hidden: tuple[int, ...] = (64, 32)
@@ -69,6 +77,7 @@ class ExperimentConfig(BaseModel):
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
+    start: StartConfig = field(default_factory=StartConfig)
 
     def to_dict(self) -> dict:
         out = self.model_dump()

@@ -42,6 +42,7 @@ class RoundData:
     future: object  # EvalSet on the future window (every strategy, same negatives)
     val_eval: object  # EvalSet on the validation slice (for choices made on validation only)
     seq: torch.Tensor  # (U, L) each device's history at the end of its fresh window (encoder input)
+    val_seq: torch.Tensor  # (U, L) its history before the validation slice (for choices made on it)
     train_count: torch.Tensor  # (U,) on-device training samples per device (FedAvg weights)
 
 
@@ -88,6 +89,7 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
             future=build_eval_set(ds, w, "future", n_neg=d.eval_negatives, max_len=d.max_len, seed=seed),
             val_eval=build_eval_set(ds, w, "val", n_neg=d.eval_negatives, max_len=d.max_len, seed=seed + 7),
             seq=sequence_at(ds, w.future[:, 0], d.max_len),
+            val_seq=sequence_at(ds, w.val[:, 0], d.max_len),
             train_count=torch.zeros(ds.n_users).index_add(0, ft["owner"], torch.ones(len(ft["owner"]))),
         ))
     w0 = split.round(0)
@@ -107,7 +109,8 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
                         mlp_hidden=tuple(cc.mlp_hidden))
     model = build_model(din_cfg, cfg.metapatch, torch.from_numpy(np.asarray(ds.item_attrs)))
     encoder = PatchEncoder(EncoderConfig(n_items=ds.n_items, phi_dim=model.phi_dim,
-                                         profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim))
+                                         profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim,
+                                         start_warm=cfg.start.warm, start_cold=cfg.start.cold))
     # W_f first learns the older part of the cloud history only, so that meta-training sees newer
     # interactions the cloud model has not fitted yet — exactly the device's situation. (Meta-training
     # on data W_f already memorised gives Θ nothing to learn: φ stays inert, as NOTES.md records.)

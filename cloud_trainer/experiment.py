@@ -141,7 +141,43 @@ def tune(ctx, cfg) -> dict:
         out["full_patch_device.steps"] = {"chosen": best, "val_gauc": scores}
     if "dccl" in cfg.strategies and cfg.tune_momodistill:
         out["momodistill"] = tune_momodistill(ctx, cfg, phi0, evaluate_val)
+    if "dccl" in cfg.strategies:
+        out["start"] = tune_start(ctx, cfg, phi0, evaluate_val)
     return out
+
+
+def tune_start(ctx, cfg, phi0, evaluate_val) -> dict:
+    """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
+    (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
+    validation slices: round 0 of DCCL replayed without them (devices personalise, MoMoDistill
+    steps 1 and 2 on the fresh windows minus the validation slices), then each option's starting φ
+    on the new bundle is scored there. Cold start is judged on the same devices with no previous φ."""
+    from cloud_trainer.momodistill import device_logits, step1, step2, with_candidates
+    from cloud_trainer.models.encoder import START_COLD, START_WARM
+    from cloud_trainer.patch_generator import encode_phi
+    from cloud_trainer.personalize import personalize_all
+    from cloud_trainer.strategies import device_scorer
+
+    rd, m = ctx.rounds[0], cfg.momodistill
+    model, encoder = ctx.fresh_copy()
+    uploaded, _ = personalize_all(model, phi0, rd.fresh_train, rd.val, cfg.device)
+    data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m.kd_extra, seed=ctx.seed)
+    teacher = device_logits(model, data, uploaded)
+    step1(model, data, teacher, m, seed=ctx.seed, hard_mask=hard)
+    step2(model, encoder, rd.fresh_train, teacher[: len(rd.fresh_train["item"])], uploaded, ctx.profile, rd.val_seq, m,
+          seed=ctx.seed)
+    scores = {}
+    for which, options, prev in (("warm", START_WARM, uploaded), ("cold", START_COLD, torch.zeros_like(uploaded))):
+        for option in options:
+            encoder.config.start_warm, encoder.config.start_cold = (option, "encoder") if which == "warm" else ("encoder", option)
+            phi = encode_phi(encoder, ctx.profile, rd.val_seq, prev)
+            scores[f"{which}={option}"] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
+    # Ties keep the first option listed (the encoder's φ).
+    for which, options in (("warm", START_WARM), ("cold", START_COLD)):
+        best = max(options, key=lambda o: scores[f"{which}={o}"])
+        setattr(cfg.start, which, best)
+    ctx.encoder.config.start_warm, ctx.encoder.config.start_cold = cfg.start.warm, cfg.start.cold
+    return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": scores}
 
 
 def tune_momodistill(ctx, cfg, phi0, evaluate_val) -> dict:

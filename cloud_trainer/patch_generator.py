@@ -103,5 +103,7 @@ def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch
 
 
 def encode_phi(encoder, user_profile: torch.Tensor, user_seq: torch.Tensor, phi_prev: torch.Tensor) -> torch.Tensor:
+    """Each device's starting φ as the bundle's encoder gives it (``PatchEncoder.start``: the
+    shipped start policy included)."""
     with torch.no_grad():
-        return encoder(user_profile, user_seq, phi_prev)
+        return encoder.start(user_profile, user_seq, phi_prev)

@@ -164,6 +164,8 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
         source["encoder_trained"] = False
     else:
         source.setdefault("encoder_trained", True)
+    # The start policy baked into encoder.onnx (PatchEncoder.start), for people reading the manifest.
+    source["start_phi"] = {"warm": encoder.config.start_warm, "cold": encoder.config.start_cold}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:

@@ -37,7 +37,8 @@ trunk or head, raw-input train graphs)::
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
                      absent in older manifests, which ran it at optimizer.lr; the batch holds raw
                      inputs whatever train_inputs says)
-  source            {"checkpoint_sha256", "step", "round"}
+  source            {"checkpoint_sha256", "step", "round", "encoder_trained", "start_phi": {"warm", "cold"}}
+                    (informational; "start_phi" is the start policy encoder.onnx computes)
   versions          {package: version}
 """
 
