@@ -92,6 +92,13 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     assert {c["claim"] for c in res["claims"]} >= {"MoMoDistill beats model-over-data on the same data and epochs"}
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
     assert res["tuning"]["momodistill"]["chosen"] in ({"lam": 0.5, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 2})
+    # The start policy: every option scored on the validation slices, the best one chosen and used.
+    start = res["tuning"]["start"]
+    assert set(start["val_gauc"]) == {"warm=encoder", "warm=previous", "warm=zero", "cold=encoder", "cold=zero"}
+    for which in ("warm", "cold"):
+        best = max(v for k, v in start["val_gauc"].items() if k.startswith(which))
+        assert start["val_gauc"][f"{which}={start['chosen'][which]}"] == best
+    assert res["config"]["start"] == start["chosen"]
     write_outputs(res, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["synthetic"] is True and "SYNTHETIC" in (tmp_path / "results.md").read_text()
@@ -152,6 +159,8 @@ def test_config_errors_name_field_and_value():
         build_config({"rounds": 0, "data.neg": -1, "metapatch.phi_dim": 0})
     msg = str(e.value)
     assert "rounds = 0" in msg and "data.neg = -1" in msg and "phi_dim" in msg
+    with pytest.raises(DcclError, match=r"start.warm = \"bogus\""):
+        build_config({"start.warm": "bogus"})
 
 
 def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
@@ -176,3 +185,7 @@ def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
     tuned = meta["extra"]["tuning"]["device.steps"]
     assert tuned["chosen"] in tuned["val_gauc"] or str(tuned["chosen"]) in tuned["val_gauc"]
     assert manifest["optimizer"]["steps"] == tuned["chosen"] == meta["extra"]["config"]["device"]["steps"]
+    # ... and the start policy chosen there, inside encoder.onnx (named in the manifest).
+    chosen = meta["extra"]["tuning"]["start"]["chosen"]
+    assert (encoder.config.start_warm, encoder.config.start_cold) == (chosen["warm"], chosen["cold"])
+    assert manifest["source"]["start_phi"] == chosen

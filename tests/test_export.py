@@ -203,6 +203,38 @@ def test_encoder_matches_pytorch():
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.parametrize("warm,cold", [("previous", "zero"), ("zero", "encoder"), ("zero", "zero")])
+def test_encoder_start_policy_is_in_the_exported_graph(warm, cold):
+    """The start policy chosen by the cloud runs on the device as part of encoder.onnx: rows without
+    a previous φ (all zeros) follow the cold policy, the others the warm one — as PatchEncoder.start."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
+    from onnx_export import encoder as enc_export
+
+    torch.manual_seed(3)
+    enc = PatchEncoder(EncoderConfig(n_items=1682, phi_dim=32, profile_vocab=[8, 3, 22], start_warm=warm, start_cold=cold))
+    with torch.no_grad():
+        enc.mlp[2].weight.normal_(0, 0.1)
+    b = example_batch(ml100k_model(), 6, seed=5)
+    phi_prev = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    phi_prev[::2] = 0.0  # rows 0, 2, 4: devices without a previous φ
+    args = torch.from_numpy(b["profile"]), torch.from_numpy(b["hist"]), torch.from_numpy(phi_prev)
+    with torch.no_grad():
+        want, raw = enc.start(*args).numpy(), enc(*args).numpy()
+    expect = {"encoder": raw, "previous": phi_prev, "zero": np.zeros_like(phi_prev)}
+    np.testing.assert_array_equal(want[1::2], expect[warm][1::2])
+    np.testing.assert_array_equal(want[::2], expect[cold][::2])
+    with tempfile.TemporaryDirectory() as tmp:
+        enc_export.export(enc, 20, Path(tmp) / "e.onnx")
+        sess = ort.InferenceSession(str(Path(tmp) / "e.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {"profile": b["profile"], "hist": b["hist"], "phi_prev": phi_prev}
+        got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    assert np.abs(got - want).max() <= 1e-5
+
+
 # -- bad bundles: each a clear error naming what is wrong ---------------------------------------
 
 def test_tampered_file_is_caught(bundle, tmp_path):

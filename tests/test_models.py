@@ -154,13 +154,16 @@ def test_patch_state_round_trip_and_checkpoint(tmp_path):
     assert torch.equal(other.metapatch_phi, m.metapatch_phi)
     with pytest.raises(ValueError, match="shape"):
         other.load_patch_state_dict({"metapatch_phi": torch.zeros(1, 5)})
-    enc = PatchEncoder(EncoderConfig(n_items=N_ITEMS, phi_dim=6, profile_vocab=[4, 3], emb_dim=4))
+    enc = PatchEncoder(EncoderConfig(n_items=N_ITEMS, phi_dim=6, profile_vocab=[4, 3], emb_dim=4, start_cold="zero"))
     path = save_checkpoint(tmp_path / "ckpt.pt", m, enc, step=12, round=1, extra={"dataset": "tiny"})
     m2, enc2, meta = load_checkpoint(path)
     assert meta["step"] == 12 and meta["round"] == 1 and meta["versions"]["torch"] == torch.__version__
     b = batch(20)
     assert torch.equal(m2(b["item"], b["hist"], b["profile"]), m(b["item"], b["hist"], b["profile"]))
     assert all(torch.equal(a, c) for a, c in zip(enc.state_dict().values(), enc2.state_dict().values()))
+    assert enc2.config.start_cold == "zero"  # the start policy travels with the encoder
+    with pytest.raises(ValueError, match="encoder.start_warm = 'bogus'"):
+        EncoderConfig(n_items=N_ITEMS, phi_dim=6, start_warm="bogus")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DcclError, match="bad.pt"):
         load_checkpoint(tmp_path / "bad.pt")
