@@ -1,6 +1,6 @@
 """`dccl cloud train`: train the cloud model (W_f) and the patch generator (Θ, encoder g) on the
-pooled cloud history, choose the device step budget and MoMoDistill's λ / kd_extra on the
-validation slices (as `dccl experiment` does; `--no-tune` keeps the config's values), and write a
+pooled cloud history, choose the device step budget, MoMoDistill's λ / kd_extra and the devices'
+start policy on the validation slices (as `dccl experiment` does; `--no-tune` keeps the config's values), and write a
 self-describing checkpoint for `dccl export` — whose bundle then carries the chosen budget."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def run(args) -> int:
         cfg.strategies = ["dccl"]       # a deployment tunes what it deploys: the device budget, MoMoDistill
         tuning = tune(ctx, cfg)         # writes the choices into cfg (saved below, read by `dccl export`)
         print(f"tuned on validation slices: device steps {cfg.device.steps}, MoMoDistill lam "
-              f"{cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra}", file=sys.stderr)
+              f"{cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra}, starting φ: {cfg.start.warm} "
+              f"(cold start: {cfg.start.cold})", file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())
     path = save_checkpoint(args.out, ctx.model, ctx.encoder, step=steps, round=0,
                            extra={"dataset": ds.name, "synthetic": ds.synthetic, "seed": args.seed,
