@@ -122,7 +122,8 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
 
 
 def tune(ctx, cfg) -> dict:
-    """Choose each device strategy's step budget on round 0's validation slices (seed 0)."""
+    """Choose, on round 0's validation slices (seed 0), each device strategy's step budget and, for
+    DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
     val = ctx.rounds[0].val_eval
 
     def evaluate_val(scorer) -> float:
@@ -139,14 +140,20 @@ def tune(ctx, cfg) -> dict:
         best, scores = tune_device_steps(ctx, fp.model, fp.phi, cfg.full_patch_device, cfg.tune_steps, evaluate_val)
         cfg.full_patch_device.steps = best
         out["full_patch_device.steps"] = {"chosen": best, "val_gauc": scores}
-    if "dccl" in cfg.strategies and cfg.tune_momodistill:
-        out["momodistill"] = tune_momodistill(ctx, cfg, phi0, evaluate_val)
     if "dccl" in cfg.strategies:
-        out["start"] = tune_start(ctx, cfg, phi0, evaluate_val)
+        # Round 0's device models (on the fresh windows minus their validation slices): the teachers
+        # of both choices below.
+        from cloud_trainer.personalize import personalize_all
+
+        rd = ctx.rounds[0]
+        uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+        if cfg.tune_momodistill:
+            out["momodistill"] = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
+        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val)
     return out
 
 
-def tune_start(ctx, cfg, phi0, evaluate_val) -> dict:
+def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
     """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
     (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
     validation slices: round 0 of DCCL replayed without them (devices personalise, MoMoDistill
@@ -155,12 +162,10 @@ def tune_start(ctx, cfg, phi0, evaluate_val) -> dict:
     from cloud_trainer.momodistill import device_logits, step1, step2, with_candidates
     from cloud_trainer.models.encoder import START_COLD, START_WARM
     from cloud_trainer.patch_generator import encode_phi
-    from cloud_trainer.personalize import personalize_all
     from cloud_trainer.strategies import device_scorer
 
     rd, m = ctx.rounds[0], cfg.momodistill
     model, encoder = ctx.fresh_copy()
-    uploaded, _ = personalize_all(model, phi0, rd.fresh_train, rd.val, cfg.device)
     data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m.kd_extra, seed=ctx.seed)
     teacher = device_logits(model, data, uploaded)
     step1(model, data, teacher, m, seed=ctx.seed, hard_mask=hard)
@@ -180,7 +185,7 @@ def tune_start(ctx, cfg, phi0, evaluate_val) -> dict:
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": scores}
 
 
-def tune_momodistill(ctx, cfg, phi0, evaluate_val) -> dict:
+def tune_momodistill(ctx, cfg, phi, evaluate_val) -> dict:
     """Choose MoMoDistill's λ and kd_extra on round 0's validation slices: the device models of round 0
     teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
     cloud model is scored on those held-out slices."""
@@ -188,11 +193,9 @@ def tune_momodistill(ctx, cfg, phi0, evaluate_val) -> dict:
     from dataclasses import replace
 
     from cloud_trainer.momodistill import device_logits, step1, with_candidates
-    from cloud_trainer.personalize import personalize_all
     from cloud_trainer.strategies import cloud_scorer
 
     rd = ctx.rounds[0]
-    phi, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
     scores = {}
     for cand in cfg.tune_momodistill:
         m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
