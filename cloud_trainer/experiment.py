@@ -18,11 +18,9 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import paired_ci, per_user, score_eval_set, summarize
-from cloud_trainer.strategies import REGISTRY, FullPatch, start_phi, tune_device_steps
+from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, start_phi, tune_device_steps
 from dccl.errors import DcclError
 
-KIND = {"stale": "cloud", "model-over-data": "cloud", "full-patch": "device", "metapatch": "device",
-        "dccl-start": "device", "dccl": "device", "momodistill": "cloud", "fedavg-patches": "cloud"}
 BASELINES = ("stale", "model-over-data")
 CI_METRICS = ("gauc", "ndcg@10", "hr@10")  # per-user metrics: paired over users
 TABLE_METRICS = ("auc", "gauc", "hr@10", "ndcg@10")
@@ -268,9 +266,14 @@ def claims(users, summ, r) -> list[dict]:
 
     have = set(summ)
     out = []
+    if {"dccl-upload", "bundle-in"} <= have:
+        out.append(_claim("device models beat the cloud model they started from (on fresh data it has not seen)",
+                          "dccl-upload (φ trained on the round's fresh window) − bundle-in (the bundle they hold, "
+                          "zero φ), warm users", paired_ci(_pool_diff(users, "dccl-upload", "bundle-in", "gauc", r))))
     if {"dccl", "momodistill"} <= have:
-        out.append(_claim("device models beat the cloud model they started from",
-                          "dccl (device) − momodistill (the same bundle's cloud model, zero φ), warm users",
+        out.append(_claim("device models beat the cloud model they started from (on data it has trained on)",
+                          "dccl (device) − momodistill (the new bundle's cloud model, zero φ; MoMoDistill trained it "
+                          "on the same fresh windows), warm users",
                           paired_ci(_pool_diff(users, "dccl", "momodistill", "gauc", r))))
     if {"momodistill", "model-over-data"} <= have:
         out.append(_claim("MoMoDistill beats model-over-data on the same data and epochs",

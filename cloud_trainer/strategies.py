@@ -8,9 +8,13 @@ future window. Keys are the rows of the results table:
   model-over-data  cloud  the fresh windows reach the cloud; it trains on them (CE), same epochs as step 1
   full-patch       device per-user full patch fine-tuning (no meta decomposition) on the fresh window
   metapatch        device MetaPatch: φ from the encoder, trained on-device; the cloud never changes
+  bundle-in        cloud  DCCL: the bundle the devices hold at the start of the round (its cloud model, zero φ)
+  dccl-upload      device DCCL: the device models they upload — that bundle with φ trained on the round's
+                          fresh data, which the bundle has not seen
   momodistill      cloud  the cloud model after MoMoDistill step 1 (model over models) of the round
-  dccl-start       device the new bundle with each device's encoder φ = g(profile, history, φ_n), no device steps
-  dccl             device DCCL devices: that start φ personalised on-device on the new bundle
+  dccl-start       device the new bundle with each device's starting φ (the start policy), no device steps
+  dccl             device DCCL devices: that start φ personalised on-device on the new bundle (on the same
+                          fresh data the new bundle has already been trained on)
   fedavg-patches   cloud  the cloud model patched with the sample-weighted mean of all devices' φ
 """
 
@@ -30,6 +34,10 @@ from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
 from cloud_trainer.train import fit_cloud, logits, make_batch
 
 Report = Callable[[str, Callable], None]
+# Whose model each reported key is: the cloud's (zero φ) or the devices' (each with its own φ).
+KIND = {"stale": "cloud", "model-over-data": "cloud", "full-patch": "device", "metapatch": "device",
+        "bundle-in": "cloud", "dccl-upload": "device", "momodistill": "cloud", "dccl-start": "device",
+        "dccl": "device", "fedavg-patches": "cloud"}
 
 
 def cloud_scorer(model, profile: np.ndarray):
@@ -119,7 +127,7 @@ class DCCL(Strategy):
     distilled from the device models) and ships the new bundle; each device starts from
     g(profile, history, φ_n) on it and personalises on its local data again."""
 
-    name, keys = "dccl", ("momodistill", "dccl-start", "dccl")
+    name, keys = "dccl", ("bundle-in", "dccl-upload", "momodistill", "dccl-start", "dccl")
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -127,7 +135,9 @@ class DCCL(Strategy):
 
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.device
+        report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
         uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
+        report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
         data, hard = with_candidates(rd.fresh, ctx.ds.n_items, m.kd_extra, seed=ctx.seed * 100 + r)

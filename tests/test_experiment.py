@@ -80,7 +80,8 @@ def tiny_config(**kw):
 def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     cfg = tiny_config()
     res = run_experiment(cfg, tiny_ds, progress=False)
-    keys = {"stale", "model-over-data", "full-patch", "metapatch", "dccl-start", "dccl", "momodistill", "fedavg-patches"}
+    keys = {"stale", "model-over-data", "full-patch", "metapatch", "bundle-in", "dccl-upload", "momodistill", "dccl-start",
+            "dccl", "fedavg-patches"}
     assert set(res["strategies"]) == keys
     for key, s in res["strategies"].items():
         assert len(s["rounds"]) == 2
@@ -89,7 +90,12 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
         if key not in ("stale", "model-over-data"):
             g = s["gain_vs"]["stale"]["overall"]["gauc"]
             assert g["ci_low"] <= g["mean"] <= g["ci_high"]
-    assert {c["claim"] for c in res["claims"]} >= {"MoMoDistill beats model-over-data on the same data and epochs"}
+    assert {c["claim"] for c in res["claims"]} >= {
+        "MoMoDistill beats model-over-data on the same data and epochs",
+        "device models beat the cloud model they started from (on fresh data it has not seen)",
+        "device models beat the cloud model they started from (on data it has trained on)"}
+    # Round 0's devices start from the pretrained model, which is the stale one.
+    assert res["strategies"]["bundle-in"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
     assert res["tuning"]["momodistill"]["chosen"] in ({"lam": 0.5, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 2})
     # The start policy: every option scored on the validation slices, the best one chosen and used.

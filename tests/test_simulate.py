@@ -9,10 +9,10 @@ Faithfulness tolerance (stated here, asserted below), same data, seed and config
   Runtime vs PyTorch float32);
 - later rounds: φ differences grow where AdamW meets a near-zero gradient (its step is lr·sign(g),
   so float noise in g can flip a coordinate's direction): ≥ 90 % of devices within 1e-3;
-- per-round metrics of dccl-start / dccl / momodistill: |Δ| ≤ 2e-3 overall for AUC and gAUC, and
-  for HR@10 / NDCG@10 at most two of the evaluated positives changing rank across the top-10 border
-  (2 / rows; a tiny test's population makes one flip ~1e-2); per activity group and cold-start
-  ≤ 1e-2 or two such flips in that group.
+- per-round metrics of bundle-in / dccl-upload / dccl-start / dccl / momodistill: |Δ| ≤ 2e-3 overall
+  for AUC and gAUC, and for HR@10 / NDCG@10 at most two of the evaluated positives changing rank
+  across the top-10 border (2 / rows; a tiny test's population makes one flip ~1e-2); per activity
+  group and cold-start ≤ 1e-2 or two such flips in that group.
   Measured on this test's 30 devices (one device training per round): ≤ 6e-5 overall, ≤ 3e-4 per
   group; with DCCL's two device trainings per round one HR@10 flip (1 / 96) was seen in round 1.
 """
@@ -119,7 +119,7 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
         assert np.mean(dphi[r] <= 1e-3) >= 0.9, dphi[r]
     worst = {"overall": 0.0, "detail": 0.0}
     for r in range(cfg.rounds):
-        for key in ("dccl-start", "dccl", "momodistill"):
+        for key in ("bundle-in", "dccl-upload", "dccl-start", "dccl", "momodistill"):
             mine, theirs = res["rounds"][r][key], ref[key]["rounds"][r]
             for m in METRICS:
                 d = abs(mine["overall"][m] - theirs["overall"][m]["mean"])

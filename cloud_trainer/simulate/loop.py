@@ -42,8 +42,8 @@ from edge_agent.pool import sim_topic
 
 log = logging.getLogger("dccl.simulate")
 
-KEYS = ("dccl-start", "dccl", "momodistill")
-KIND = {"dccl-start": "device", "dccl": "device", "momodistill": "cloud"}
+KEYS = strategies.DCCL.keys
+KIND = {k: strategies.KIND[k] for k in KEYS}
 
 
 @dataclass

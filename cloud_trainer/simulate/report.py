@@ -132,8 +132,10 @@ def write(results: dict, out: Path) -> Path:
           f"{len(results['rounds'])} rounds, seed {results['seed']}, broker: {results['broker']}, "
           f"{results['total_seconds']:.0f} s in all.", "",
           "Metrics on each round's future window (warm users unless noted; activity quintiles tail..head). "
+          "`bundle-in`: the bundle the devices hold at the start of the round (its cloud model); `dccl-upload`: "
+          "the device models they upload (that bundle + each device's φ trained on the round's fresh data); "
           "`momodistill`: the cloud model after MoMoDistill step 1; `dccl-start`: the new bundle with each "
-          "device's encoder φ; `dccl`: the device models (the new bundle + each device's φ trained on it).", "",
+          "device's starting φ; `dccl`: the device models (the new bundle + each device's φ trained on it).", "",
           metrics_table(results), "", "## What happened", "", counts_table(results), "", "## Phases", "",
           phases_table(results), "",
           "Peak RSS per agent process (MB): " + ", ".join(_f(x) if x is None else f"{x:.0f}"
