@@ -126,10 +126,13 @@ def test_same_seed_same_results(tiny_ds):
     cfg = tiny_config(strategies=["stale", "metapatch"], tune=False)
     a = run_experiment(cfg, tiny_ds, progress=False)["strategies"]
     b = run_experiment(tiny_config(strategies=["stale", "metapatch"], tune=False), tiny_ds, progress=False)["strategies"]
-    # Equal up to the order of multi-threaded float reductions (last-bit differences), not bit for bit.
+    # Equal up to last-bit float differences between runs (BLAS kernels may sum in a different order),
+    # not bit for bit: on this near-random tiny model those can swap a near-tied pair of scores, and
+    # the pooled AUC over ~2e6 (positive, negative) pairs moves by ~5e-7 per swapped pair (measured: 2
+    # swaps in 1 of 6 runs). A seed that is not honoured moves every metric by ~1e-2.
     x, y = a["metapatch"]["rounds"][1]["overall"], b["metapatch"]["rounds"][1]["overall"]
     for m in ("auc", "gauc", "hr@10", "ndcg@10"):
-        assert x[m]["mean"] == pytest.approx(y[m]["mean"], abs=1e-9)
+        assert x[m]["mean"] == pytest.approx(y[m]["mean"], abs=1e-5 if m == "auc" else 1e-9)
 
 
 @pytest.mark.parametrize("args, needle", [
