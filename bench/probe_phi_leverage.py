@@ -53,7 +53,8 @@ def main() -> None:
         return f"{s['overall']['gauc']:.4f} ({s['groups']['0']['gauc']:.4f} / {s['groups']['4']['gauc']:.4f})"
 
     phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
-    print(f"{ds.summary()}\nvalidation gAUC (tail / head): cloud model {gauc(rd.val_eval, cloud_scorer(ctx.model, ds.profile))}, "
+    print(ds.summary())
+    print(f"validation gAUC (tail / head): cloud model {gauc(rd.val_eval, cloud_scorer(ctx.model, ds.profile))}, "
           f"encoder φ {gauc(rd.val_eval, device_scorer(ctx.model, ds.profile, phi0))}")
 
     def sweep(name: str, train, ev) -> None:
@@ -72,8 +73,8 @@ def main() -> None:
     sweep("fresh, neg 20 (validation gAUC)", ctr(w, "fresh_train", 20, 5), rd.val_eval)
     c = w.cloud
     older = replace(w, cloud=np.stack([np.maximum(c[:, 0], c[:, 1] - 30), c[:, 1]], 1))
-    sweep("fresh + last 30 older interactions (validation gAUC)", concat([rd.fresh_train, ctr(older, "cloud", d.neg, 6)]),
-          rd.val_eval)
+    with_older = concat([rd.fresh_train, ctr(older, "cloud", d.neg, 6)])
+    sweep("fresh + last 30 older interactions (validation gAUC)", with_older, rd.val_eval)
     print(f"\nfuture window, encoder φ: {gauc(rd.future, device_scorer(ctx.model, ds.profile, phi0))}")
     sweep("ORACLE: φ fitted on the future window (future gAUC; capacity only)", ctr(w, "future", d.neg, 99), rd.future)
 

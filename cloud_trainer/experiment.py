@@ -170,9 +170,10 @@ def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
     step2(model, encoder, rd.fresh_train, teacher[: len(rd.fresh_train["item"])], uploaded, ctx.profile, rd.val_seq, m,
           seed=ctx.seed)
     scores = {}
+    c = encoder.config
     for which, options, prev in (("warm", START_WARM, uploaded), ("cold", START_COLD, torch.zeros_like(uploaded))):
         for option in options:
-            encoder.config.start_warm, encoder.config.start_cold = (option, "encoder") if which == "warm" else ("encoder", option)
+            c.start_warm, c.start_cold = (option, "encoder") if which == "warm" else ("encoder", option)
             phi = encode_phi(encoder, ctx.profile, rd.val_seq, prev)
             scores[f"{which}={option}"] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
     # Ties keep the first option listed (the encoder's φ).

@@ -80,8 +80,8 @@ def tiny_config(**kw):
 def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     cfg = tiny_config()
     res = run_experiment(cfg, tiny_ds, progress=False)
-    keys = {"stale", "model-over-data", "full-patch", "metapatch", "bundle-in", "dccl-upload", "momodistill", "dccl-start",
-            "dccl", "fedavg-patches"}
+    keys = {"stale", "model-over-data", "full-patch", "metapatch", "bundle-in", "dccl-upload", "momodistill",
+            "dccl-start", "dccl", "fedavg-patches"}
     assert set(res["strategies"]) == keys
     for key, s in res["strategies"].items():
         assert len(s["rounds"]) == 2

@@ -215,7 +215,8 @@ def test_encoder_start_policy_is_in_the_exported_graph(warm, cold):
     from onnx_export import encoder as enc_export
 
     torch.manual_seed(3)
-    enc = PatchEncoder(EncoderConfig(n_items=1682, phi_dim=32, profile_vocab=[8, 3, 22], start_warm=warm, start_cold=cold))
+    enc = PatchEncoder(EncoderConfig(n_items=1682, phi_dim=32, profile_vocab=[8, 3, 22],
+                                     start_warm=warm, start_cold=cold))
     with torch.no_grad():
         enc.mlp[2].weight.normal_(0, 0.1)
     b = example_batch(ml100k_model(), 6, seed=5)
