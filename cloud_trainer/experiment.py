@@ -145,30 +145,46 @@ def tune(ctx, cfg) -> dict:
 
         rd = ctx.rounds[0]
         uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+        replayed = None
         if cfg.tune_momodistill:
-            out["momodistill"] = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
-        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val)
+            out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
+        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val, replayed)
     return out
 
 
-def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
+def _replay_step1(ctx, m_cfg, uploaded) -> tuple:
+    """Round 0's MoMoDistill step 1 on a copy of the cloud model, on the fresh windows minus the
+    validation slices: (the model, the device models' logits on the logged rows)."""
+    import copy
+
+    from cloud_trainer.momodistill import device_logits, step1, with_candidates
+
+    rd = ctx.rounds[0]
+    model = copy.deepcopy(ctx.model)
+    data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m_cfg.kd_extra, seed=ctx.seed)
+    teacher = device_logits(model, data, uploaded)
+    step1(model, data, teacher, m_cfg, seed=ctx.seed, hard_mask=hard)
+    return model, teacher[: len(rd.fresh_train["item"])]
+
+
+def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) -> dict:
     """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
     (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
     validation slices: round 0 of DCCL replayed without them (devices personalise, MoMoDistill
     steps 1 and 2 on the fresh windows minus the validation slices), then each option's starting φ
     on the new bundle is scored there. Cold start is judged on the same devices with no previous φ."""
-    from cloud_trainer.momodistill import device_logits, step1, step2, with_candidates
+    import copy
+
+    from cloud_trainer.momodistill import step2
     from cloud_trainer.models.encoder import START_COLD, START_WARM
     from cloud_trainer.patch_generator import encode_phi
     from cloud_trainer.strategies import device_scorer
 
     rd, m = ctx.rounds[0], cfg.momodistill
-    model, encoder = ctx.fresh_copy()
-    data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m.kd_extra, seed=ctx.seed)
-    teacher = device_logits(model, data, uploaded)
-    step1(model, data, teacher, m, seed=ctx.seed, hard_mask=hard)
-    step2(model, encoder, rd.fresh_train, teacher[: len(rd.fresh_train["item"])], uploaded, ctx.profile, rd.val_seq, m,
-          seed=ctx.seed)
+    # Step 1 as MoMoDistill's tuning already ran it for the chosen settings (`replayed`), else now.
+    model, teacher = replayed if replayed is not None else _replay_step1(ctx, m, uploaded)
+    encoder = copy.deepcopy(ctx.encoder)
+    step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
     scores = {}
     c = encoder.config
     for which, options, prev in (("warm", START_WARM, uploaded), ("cold", START_COLD, torch.zeros_like(uploaded))):
@@ -184,27 +200,24 @@ def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": scores}
 
 
-def tune_momodistill(ctx, cfg, phi, evaluate_val) -> dict:
+def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
     """Choose MoMoDistill's λ and kd_extra on round 0's validation slices: the device models of round 0
     teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
-    cloud model is scored on those held-out slices."""
-    import copy
+    cloud model is scored on those held-out slices. Returns the choice and the chosen replay."""
     from dataclasses import replace
 
-    from cloud_trainer.momodistill import device_logits, step1, with_candidates
     from cloud_trainer.strategies import cloud_scorer
 
-    rd = ctx.rounds[0]
-    scores = {}
+    scores, replays = {}, {}
     for cand in cfg.tune_momodistill:
+        key = json.dumps(cand, sort_keys=True)
         m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
-        model = copy.deepcopy(ctx.model)
-        data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m_cfg.kd_extra, seed=ctx.seed)
-        step1(model, data, device_logits(model, data, phi), m_cfg, seed=ctx.seed, hard_mask=hard)
-        scores[json.dumps(cand, sort_keys=True)] = evaluate_val(cloud_scorer(model, ctx.ds.profile))
-    best = json.loads(max(scores, key=scores.get))
+        replays[key] = _replay_step1(ctx, m_cfg, phi)
+        scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
+    key = max(scores, key=scores.get)
+    best = json.loads(key)
     cfg.momodistill.lam, cfg.momodistill.kd_extra = float(best["lam"]), int(best["kd_extra"])
-    return {"chosen": best, "val_gauc": scores}
+    return {"chosen": best, "val_gauc": scores}, replays[key]
 
 
 def _mean_std(values: list[float]) -> dict:
