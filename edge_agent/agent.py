@@ -346,7 +346,7 @@ class BundleModel:
             self._encoder = self._T.Encoder(self.bundle, threads=1)
         prev = None if phi_prev is None else phi_prev[name]
         phi = self._encoder.start_phi(profile.reshape(-1), hist.reshape(-1), prev)
-        return {name: np.asarray(phi, np.float32).reshape(shape)}, "encoder"
+        return {name: np.asarray(phi, np.float32).reshape(shape)}, self._encoder.source(prev)
 
     def train(self, phi, opt, arrays, cfg, seed):
         t = cfg.train

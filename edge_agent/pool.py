@@ -474,7 +474,8 @@ class Pool:
         ob.close()
         loss = metrics.get("val_after", metrics.get("train_loss"))
         now = time.time()
-        st.phi, st.bundle_version, st.phi_source = {b.phi_name: phi}, version, "trained" if n_train else "encoder"
+        st.phi, st.bundle_version = {b.phi_name: phi}, version
+        st.phi_source = "trained" if n_train else enc.source(prev)
         st.rounds, st.last_train_time, st.last_train_loss, st.last_train_samples = r + 1, now, loss, n_train
         st.counters["done_round"] = r
         states.save(st)

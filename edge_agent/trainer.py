@@ -218,6 +218,15 @@ class Encoder:
                                                               "phi_prev": prev.reshape(1, -1)}))[0]
         return b.check_phi(out, "encoder output")
 
+    def source(self, phi_prev=None) -> str:
+        """Where ``start_phi(..., phi_prev)`` comes from, for status and reports: "encoder", or the
+        bundle's start policy when it chose otherwise for such a device ("start policy: zero" /
+        "start policy: previous"); the policy is inside encoder.onnx, named by the manifest."""
+        policy = (self.bundle.manifest.get("source") or {}).get("start_phi") or {}
+        cold = phi_prev is None or not np.any(np.asarray(phi_prev))
+        chosen = policy.get("cold" if cold else "warm", "encoder")
+        return "encoder" if chosen == "encoder" else f"start policy: {chosen}"
+
 
 class Trunk:
     """A cached bundle's trunk: ``features(batch) -> [n, F]`` from raw samples (item, hist,

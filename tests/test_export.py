@@ -387,3 +387,38 @@ def test_cli_export(tmp_path, capsys):
     assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b3"), "--lr", "-1"]) == 2
     assert "device.lr" in capsys.readouterr().err
     assert not (tmp_path / "b3").exists()
+
+
+def test_a_device_runs_the_start_policy_and_names_it(bundle, tmp_path):
+    """A bundle whose encoder.onnx carries a start policy (previous φ for devices that have one, zero
+    for cold start): the device's Encoder computes exactly that and reports it as φ's source."""
+    from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
+    from edge_agent.trainer import Bundle, Encoder
+    from onnx_export import encoder as enc_export
+
+    model, src = bundle
+    d = _copy(src, tmp_path)
+    c = model.base.config
+    torch.manual_seed(4)
+    enc = PatchEncoder(EncoderConfig(n_items=c.n_items, phi_dim=model.phi_dim, profile_vocab=list(c.profile_vocab),
+                                     start_warm="previous", start_cold="zero"))
+    with torch.no_grad():
+        enc.mlp[2].weight.normal_(0, 0.1)
+    enc_export.export(enc, c.max_len, d / enc_export.FILE)
+
+    def edit(m):
+        m["files"].update(mf.file_entries(d, [enc_export.FILE]))
+        m["source"]["start_phi"] = {"warm": "previous", "cold": "zero"}
+
+    _rewrite_manifest(d, edit)
+    b = example_batch(model, 1, seed=5)
+    device = Encoder(Bundle(d))
+    cold = device.start_phi(b["profile"][0], b["hist"][0])
+    assert not cold.any() and device.source(None) == "start policy: zero"
+    prev = np.random.default_rng(1).standard_normal(cold.shape).astype(np.float32)
+    np.testing.assert_array_equal(device.start_phi(b["profile"][0], b["hist"][0], prev), prev)
+    assert device.source(prev) == "start policy: previous"
+    # The default policy: g's φ, named "encoder".
+    default = Encoder(Bundle(src))
+    assert default.source(None) == default.source(prev) == "encoder"
+    assert default.start_phi(b["profile"][0], b["hist"][0], prev).any()
