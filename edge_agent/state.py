@@ -48,7 +48,7 @@ class DeviceState:
     last_train_time: float | None = None  # unix time of the end of the last round
     last_train_loss: float | None = None  # validation loss of the kept φ (or train loss without val)
     last_train_samples: int = 0
-    phi_source: str | None = None         # "encoder", "trained", "bundle", ... (how φ was obtained)
+    phi_source: str | None = None         # "encoder", "start policy: zero", "trained", ... (how φ was obtained)
     counters: dict[str, Any] = field(default_factory=dict)   # free-form JSON counters
     generation: int = 0                   # incremented by every save
     saved_at: float | None = None
