@@ -157,14 +157,11 @@ def _replay_step1(ctx, m_cfg, uploaded) -> tuple:
     validation slices: (the model, the device models' logits on the logged rows)."""
     import copy
 
-    from cloud_trainer.momodistill import device_logits, step1, with_candidates
+    from cloud_trainer.momodistill import step1
 
-    rd = ctx.rounds[0]
     model = copy.deepcopy(ctx.model)
-    data, hard = with_candidates(rd.fresh_train, ctx.ds.n_items, m_cfg.kd_extra, seed=ctx.seed)
-    teacher = device_logits(model, data, uploaded)
-    step1(model, data, teacher, m_cfg, seed=ctx.seed, hard_mask=hard)
-    return model, teacher[: len(rd.fresh_train["item"])]
+    _, teacher = step1(model, ctx.rounds[0].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=ctx.seed)
+    return model, teacher
 
 
 def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) -> dict:

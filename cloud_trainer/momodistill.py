@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cloud_trainer.train import Batch, bce, fit_cloud, logits, minibatches, size, take, trainable_only
+from cloud_trainer.train import Batch, bce, concat, logits, minibatches, size, take, train_epoch, trainable_only
 
 
 @dataclass
@@ -23,14 +23,17 @@ class MoMoDistillConfig:
     step2_epochs: int = 1
     step2_lr: float = 1e-3
     label_weight: float = 0.5  # step 2: weight of the true labels beside the device models' soft labels
-    # Unlabelled candidates per positive that the device models label for step 1: what a device model
-    # knows about its user's taste beyond the logged interactions. 0 = distil on the logged samples only.
+    # Unlabelled candidates per positive *per epoch* that the device models label for step 1: what a
+    # device model knows about its user's taste beyond the logged interactions. Each epoch draws new
+    # ones, so an epoch costs (rows + candidates) / rows of a plain one. 0 = the logged samples only.
     kd_extra: int = 0
     batch_size: int = 512
 
     def __post_init__(self):
         if self.lam < 0:
             raise ValueError(f"momodistill.lam = {self.lam}: must be >= 0")
+        if self.kd_extra < 0:
+            raise ValueError(f"momodistill.kd_extra = {self.kd_extra}: must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,25 +44,43 @@ def device_logits(model, data: Batch, phi_table: torch.Tensor) -> torch.Tensor:
     return logits(model, data, phi_table)
 
 
-def with_candidates(data: Batch, n_items: int, per_positive: int, seed: int) -> tuple[Batch, torch.Tensor]:
-    """`data` plus `per_positive` random catalogue items for each positive (same owner, history and
-    profile; no label), and the (N,) mask of rows that carry a real label."""
-    if per_positive <= 0:
-        return data, torch.ones(size(data))
-    pos = torch.nonzero(data["label"] > 0.5).squeeze(1).repeat_interleave(per_positive)
+def candidates(data: Batch, n_items: int, per_positive: int, seed: int) -> Batch:
+    """`per_positive` random catalogue items for each positive of `data`, as unlabelled rows of the
+    same owner, history and profile; row j * P + i is the i-th positive's j-th candidate (P positives)."""
+    pos = torch.nonzero(data["label"] > 0.5).squeeze(1).repeat(per_positive)
     gen = torch.Generator().manual_seed(seed)
     extra = take(data, pos)
     extra["item"] = torch.randint(1, n_items + 1, (len(pos),), generator=gen)
     extra["label"] = torch.zeros(len(pos))
-    merged = {k: torch.cat([data[k], extra[k]]) for k in data}
-    return merged, torch.cat([torch.ones(size(data)), torch.zeros(len(pos))])
+    return extra
 
 
-def step1(model, data: Batch, teacher: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0,
-          hard_mask: torch.Tensor | None = None) -> list[float]:
-    params = list(model.cloud_parameters().values())
-    return fit_cloud(model, data, params, cfg.step1_epochs, cfg.step1_lr, cfg.batch_size, seed=seed,
-                     teacher=teacher, lam=cfg.lam, hard_mask=hard_mask)
+def step1(model, data: Batch, phi_table: torch.Tensor, cfg: MoMoDistillConfig, n_items: int,
+          seed: int = 0) -> tuple[list[float], torch.Tensor]:
+    """W_f learns from the pooled logged rows `data` (CE on labels + λ · CE on the device models'
+    probabilities) and, with kd_extra, from fresh unlabelled candidates each epoch (device models only).
+    The teachers are the device models as uploaded: the current model with each owner's φ, scored
+    before W_f moves. Returns the mean loss per epoch and the teachers' logits on `data` (step 2's)."""
+    n = size(data)
+    teacher = device_logits(model, data, phi_table)
+    k = cfg.kd_extra
+    extra = candidates(data, n_items, k * cfg.step1_epochs, seed) if k > 0 else None
+    extra_teacher = device_logits(model, extra, phi_table) if extra is not None else None
+    opt = torch.optim.Adam(list(model.cloud_parameters().values()), lr=cfg.step1_lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    history = []
+    for e in range(cfg.step1_epochs):
+        if extra is None:
+            epoch_data, soft, hard = data, torch.sigmoid(teacher), None
+        else:
+            block = slice(e * len(extra["item"]) // cfg.step1_epochs, (e + 1) * len(extra["item"]) // cfg.step1_epochs)
+            mine = take(extra, block)
+            epoch_data = concat([data, mine])
+            soft = torch.sigmoid(torch.cat([teacher, extra_teacher[block]]))
+            hard = torch.cat([torch.ones(n), torch.zeros(size(mine))])
+        history.append(train_epoch(model, opt, epoch_data, cfg.batch_size, gen, soft=soft, lam=cfg.lam, hard_mask=hard))
+    return history, teacher
 
 
 def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,

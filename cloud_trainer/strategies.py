@@ -28,7 +28,7 @@ import torch
 from cloud_trainer.checkpoint import build_model
 from cloud_trainer.context import SeedContext
 from cloud_trainer.models.metapatch import MetaPatchConfig
-from cloud_trainer.momodistill import device_logits, step1, step2, with_candidates
+from cloud_trainer.momodistill import step1, step2
 from cloud_trainer.patch_generator import encode_phi
 from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
 from cloud_trainer.train import fit_cloud, logits, make_batch
@@ -140,11 +140,9 @@ class DCCL(Strategy):
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
-        data, hard = with_candidates(rd.fresh, ctx.ds.n_items, m.kd_extra, seed=ctx.seed * 100 + r)
-        teacher = device_logits(self.model, data, uploaded)
-        step1(self.model, data, teacher, m, seed=ctx.seed * 100 + r, hard_mask=hard)
+        _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
-        step2(self.model, self.encoder, rd.fresh, teacher[: len(rd.fresh["item"])], uploaded, ctx.profile, rd.seq, m,
+        step2(self.model, self.encoder, rd.fresh, teacher, uploaded, ctx.profile, rd.seq, m,
               seed=ctx.seed * 100 + r)
         start = start_phi(self.encoder, ctx, r, uploaded)
         report("dccl-start", device_scorer(self.model, ctx.ds.profile, start))

@@ -60,8 +60,10 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None) -> I
         yield order[start : start + batch_size]
 
 
-def logits(model, batch: Batch, phi_table: torch.Tensor | None = None, batch_size: int = 8192) -> torch.Tensor:
-    """Scores of `batch` with the unpatched model (phi_table None) or each owner's patched model."""
+def logits(model, batch: Batch, phi_table: torch.Tensor | None = None, batch_size: int = 1024) -> torch.Tensor:
+    """Scores of `batch` with the unpatched model (phi_table None) or each owner's patched model.
+    Chunks of 1024 rows: on 2 cores about twice as fast as 8192 (the (B, L, H) attention
+    intermediates stay in cache), measured on the ML-100K model."""
     out = []
     was_training = model.training
     model.eval()
@@ -94,38 +96,40 @@ def fit_cloud(
     batch_size: int = 512,
     weight_decay: float = 0.0,
     seed: int = 0,
-    teacher: torch.Tensor | None = None,
-    lam: float = 0.0,
-    hard_mask: torch.Tensor | None = None,
     progress=None,
 ) -> list[float]:
-    """Train W_f (the given params) with CE on labels (+ λ·CE on teacher probabilities: MoMoDistill
-    step 1 when `teacher` holds the device models' logits). `hard_mask` (N,) marks the rows that have
-    a real label; the others (unlabelled candidates) learn from the teacher only.
-    Returns the mean loss per epoch."""
+    """Train W_f (the given params) with CE on the labels of `data`. Returns the mean loss per epoch."""
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    soft = torch.sigmoid(teacher) if teacher is not None else None
     history = []
     model.train()
     for _ in range(epochs):
-        total, count = 0.0, 0
-        for idx in minibatches(size(data), batch_size, gen):
-            b = take(data, idx)
-            out = _unpatched(model, b)
-            if hard_mask is None:
-                loss = bce(out, b["label"])
-            else:
-                w = hard_mask[idx]
-                loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / w.sum().clamp(min=1.0)
-            if soft is not None and lam > 0:
-                loss = loss + lam * bce(out, soft[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
+        history.append(train_epoch(model, opt, data, batch_size, gen))
         if progress is not None:
             progress.update(1)
     return history
+
+
+def train_epoch(model, opt, data: Batch, batch_size: int, gen: torch.Generator, soft: torch.Tensor | None = None,
+                lam: float = 0.0, hard_mask: torch.Tensor | None = None) -> float:
+    """One epoch of the unpatched model over `data` in shuffled minibatches: CE on the labels
+    (+ λ·CE on the probabilities `soft`, MoMoDistill step 1's distillation). `hard_mask` (N,) marks the
+    rows that carry a real label; the others (unlabelled candidates) learn from `soft` only.
+    Returns the mean loss."""
+    total, count = 0.0, 0
+    for idx in minibatches(size(data), batch_size, gen):
+        b = take(data, idx)
+        out = _unpatched(model, b)
+        if hard_mask is None:
+            loss = bce(out, b["label"])
+        else:
+            w = hard_mask[idx]
+            loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / w.sum().clamp(min=1.0)
+        if soft is not None and lam > 0:
+            loss = loss + lam * bce(out, soft[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)

@@ -204,7 +204,8 @@ def test_momodistill_steps_touch_the_right_parameters():
     assert teacher.shape == (256,)
     theta0 = {k: v.clone() for k, v in m.shared_parameters().items()}
     wf0 = {k: v.clone() for k, v in m.cloud_parameters().items()}
-    h1 = step1(m, data, teacher, MoMoDistillConfig(step1_epochs=3, lam=0.5, batch_size=64))
+    h1, t1 = step1(m, data, phi, MoMoDistillConfig(step1_epochs=3, lam=0.5, batch_size=64), N_ITEMS)
+    assert torch.equal(t1, teacher)  # the teachers are the device models before W_f moves
     assert all(torch.equal(theta0[k], v) for k, v in m.shared_parameters().items())
     assert any(not torch.equal(wf0[k], v) for k, v in m.cloud_parameters().items())
     assert h1[-1] < h1[0]
@@ -216,3 +217,25 @@ def test_momodistill_steps_touch_the_right_parameters():
     assert any(not torch.equal(theta0[k], v) for k, v in m.shared_parameters().items())
     assert any(not torch.equal(a, b) for a, b in zip(enc0, enc.parameters()))
     assert np.isfinite(h2).all()
+
+
+def test_step1_candidates_are_the_positives_rows_with_fresh_items_per_epoch():
+    from cloud_trainer.momodistill import candidates
+
+    data = batch(200, n_owners=3, seed=8)
+    pos = torch.nonzero(data["label"] > 0.5).squeeze(1)
+    extra = candidates(data, N_ITEMS, 4, seed=1)
+    P = len(pos)
+    assert len(extra["item"]) == 4 * P and torch.all(extra["label"] == 0)
+    for j in range(4):  # row j * P + i: the i-th positive's j-th candidate (same owner, history, profile)
+        block = slice(j * P, (j + 1) * P)
+        for k in ("owner", "hist", "profile"):
+            assert torch.equal(extra[k][block], data[k][pos])
+    assert extra["item"].min() >= 1 and extra["item"].max() <= N_ITEMS
+    # Each epoch trains on its own block: the two halves (2 epochs x 2 per positive) draw different items.
+    assert not torch.equal(extra["item"][: 2 * P], extra["item"][2 * P:])
+    m = tiny()
+    h, _ = step1(m, data, torch.randn(3, 6), MoMoDistillConfig(step1_epochs=2, kd_extra=2, batch_size=32), N_ITEMS)
+    assert len(h) == 2 and all(np.isfinite(h))
+    with pytest.raises(ValueError, match="kd_extra"):
+        MoMoDistillConfig(kd_extra=-1)
