@@ -112,3 +112,26 @@ def paired_ci(diff: np.ndarray, seed: int = 0, n_resamples: int = 2000) -> dict:
                           method="percentile", random_state=np.random.default_rng(seed))
     return {"mean": float(diff.mean()), "ci_low": float(res.confidence_interval.low),
             "ci_high": float(res.confidence_interval.high), "n": int(len(diff))}
+
+
+def choose_within_noise(scores: dict) -> object:
+    """The one-standard-error rule over per-user validation scores: the first option (in the caller's
+    order of preference: fewer device steps, cheaper settings, the listed policy) whose mean lies within
+    one standard error of the paired per-user difference from the best option's. Choices that the
+    validation users cannot tell apart then no longer flip with float noise (thread count, reduction
+    order), and the simpler option wins them."""
+    means = mean_scores(scores)
+    best = max(means, key=means.get)
+    for key, per in scores.items():
+        ok = np.isfinite(per) & np.isfinite(scores[best])
+        diff = per[ok] - scores[best][ok]
+        if len(diff) < 2:
+            continue
+        if float(diff.mean()) >= -float(diff.std(ddof=1) / np.sqrt(len(diff))):
+            return key
+    return best
+
+
+def mean_scores(scores: dict) -> dict:
+    """Per-user validation gAUCs -> their means (what results.json records)."""
+    return {k: float(np.nanmean(v)) for k, v in scores.items()}

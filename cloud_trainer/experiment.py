@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config
 from cloud_trainer.context import build_context
-from cloud_trainer.evaluate import paired_ci, per_user, score_eval_set, summarize
+from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
 from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, start_phi, tune_device_steps
 from dccl.errors import DcclError
 
@@ -124,20 +124,20 @@ def tune(ctx, cfg) -> dict:
     DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
     val = ctx.rounds[0].val_eval
 
-    def evaluate_val(scorer) -> float:
-        return summarize(val, score_eval_set(val, scorer))["overall"]["gauc"]
+    def evaluate_val(scorer) -> np.ndarray:
+        return per_user(val, score_eval_set(val, scorer))["gauc"]
 
     out = {}
     phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
-    out["device.steps"] = {"chosen": best, "val_gauc": scores}
+    out["device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
     if "full-patch" in cfg.strategies:
         fp = FullPatch()
         fp.setup(ctx)
         best, scores = tune_device_steps(ctx, fp.model, fp.phi, cfg.full_patch_device, cfg.tune_steps, evaluate_val)
         cfg.full_patch_device.steps = best
-        out["full_patch_device.steps"] = {"chosen": best, "val_gauc": scores}
+        out["full_patch_device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
     if "dccl" in cfg.strategies:
         # Round 0's device models (on the fresh windows minus their validation slices): the teachers
         # of both choices below.
@@ -189,12 +189,12 @@ def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) 
             c.start_warm, c.start_cold = (option, "encoder") if which == "warm" else ("encoder", option)
             phi = encode_phi(encoder, ctx.profile, rd.val_seq, prev)
             scores[f"{which}={option}"] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
-    # Ties keep the first option listed (the encoder's φ).
+    # Near-ties keep the first option listed (the encoder's φ): choose_within_noise.
     for which, options in (("warm", START_WARM), ("cold", START_COLD)):
-        best = max(options, key=lambda o: scores[f"{which}={o}"])
+        best = choose_within_noise({o: scores[f"{which}={o}"] for o in options})
         setattr(cfg.start, which, best)
     ctx.encoder.config.start_warm, ctx.encoder.config.start_cold = cfg.start.warm, cfg.start.cold
-    return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": scores}
+    return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": mean_scores(scores)}
 
 
 def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
@@ -211,10 +211,11 @@ def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
         m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
         replays[key] = _replay_step1(ctx, m_cfg, phi)
         scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
-    key = max(scores, key=scores.get)
+    key = choose_within_noise(scores)  # near-ties keep the setting listed first
     best = json.loads(key)
     cfg.momodistill.lam, cfg.momodistill.kd_extra = float(best["lam"]), int(best["kd_extra"])
-    return {"chosen": best, "val_gauc": scores}, replays[key]
+    return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
+
 
 
 def _mean_std(values: list[float]) -> dict:

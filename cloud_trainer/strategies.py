@@ -27,6 +27,7 @@ import torch
 
 from cloud_trainer.checkpoint import build_model
 from cloud_trainer.context import SeedContext
+from cloud_trainer.evaluate import choose_within_noise
 from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.momodistill import step1, step2
 from cloud_trainer.patch_generator import encode_phi
@@ -174,10 +175,10 @@ REGISTRY: dict[str, type[Strategy]] = {
 
 
 def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],
-                      evaluate_val) -> tuple[int, dict[int, float]]:
+                      evaluate_val) -> tuple[int, dict[int, np.ndarray]]:
     """Choose the on-device step budget on the validation slices (round 0): train once for the largest
-    budget, snapshot φ at each budget of the grid, score each on the validation positives. Never looks
-    at the future window."""
+    budget, snapshot φ at each budget of the grid, score each on the validation positives (per user,
+    `evaluate_val`), keep the fewest steps within noise of the best. Never looks at the future window."""
     rd = ctx.rounds[0]
     grid = sorted(set(steps_grid))
     snaps = {0: phi0.clone()}
@@ -185,5 +186,4 @@ def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTr
     personalize_all(model, phi0, rd.fresh_train, None, run_cfg,
                     on_step=lambda step, phi: snaps.__setitem__(step, phi.clone()) if step in grid else None)
     scores = {s: evaluate_val(device_scorer(model, ctx.ds.profile, snaps[s])) for s in grid}
-    best = max(scores, key=lambda s: (scores[s], -s))
-    return best, scores
+    return choose_within_noise(scores), scores  # near-ties: the fewest steps

@@ -98,12 +98,14 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     assert res["strategies"]["bundle-in"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
     assert res["tuning"]["momodistill"]["chosen"] in ({"lam": 0.5, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1})
-    # The start policy: every option scored on the validation slices, the best one chosen and used.
+    # The start policy: every option scored on the validation slices, the best one chosen (or one listed
+    # before it that validation could not tell from it: choose_within_noise) and used.
     start = res["tuning"]["start"]
     assert set(start["val_gauc"]) == {"warm=encoder", "warm=previous", "warm=zero", "cold=encoder", "cold=zero"}
     for which in ("warm", "cold"):
-        best = max(v for k, v in start["val_gauc"].items() if k.startswith(which))
-        assert start["val_gauc"][f"{which}={start['chosen'][which]}"] == best
+        options = [k for k in start["val_gauc"] if k.startswith(which)]
+        best = max(options, key=start["val_gauc"].get)
+        assert options.index(f"{which}={start['chosen'][which]}") <= options.index(best)
     assert res["config"]["start"] == start["chosen"]
     write_outputs(res, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -198,3 +200,20 @@ def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
     chosen = meta["extra"]["tuning"]["start"]["chosen"]
     assert (encoder.config.start_warm, encoder.config.start_cold) == (chosen["warm"], chosen["cold"])
     assert manifest["source"]["start_phi"] == chosen
+
+
+def test_choose_within_noise_keeps_the_first_option_unless_another_is_clearly_better():
+    from cloud_trainer.evaluate import choose_within_noise
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.9, 400)
+    noise = rng.normal(0, 0.02, 400)
+    # A near-tie (0.0005 better on average, well inside one standard error of the paired difference):
+    # the first option listed wins.
+    assert choose_within_noise({0: base, 3: base + 0.0005 + noise}) == 0
+    # A clear gain wins, even listed second; a NaN user (no pairs) is ignored.
+    better = base + 0.02 + noise
+    better[5] = np.nan
+    assert choose_within_noise({0: base, 3: better}) == 3
+    # Among several, the first within noise of the best: not the best itself.
+    assert choose_within_noise({0: base, 2: base + 0.02, 3: base + 0.0201 + noise}) == 2
