@@ -70,12 +70,8 @@ class ExperimentConfig(BaseModel):
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs 1.39x,
     # 2 costs 1.63x (`python bench/bench_momodistill.py`).
-    # They are scored on held-out devices' whole fresh windows (a `tune_held_out` fraction of round 0's
-    # warm devices, left out of the replayed step 1), so one-interaction devices count too.
     tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
-        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 0.3, "kd_extra": 1},
-        {"lam": 3.0, "kd_extra": 1}])
-    tune_held_out: float = Field(default=0.2, gt=0, lt=1)
+        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)

@@ -145,46 +145,26 @@ def tune(ctx, cfg) -> dict:
 
         rd = ctx.rounds[0]
         uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+        replayed = None
         if cfg.tune_momodistill:
-            out["momodistill"] = tune_momodistill(ctx, cfg, uploaded)
-        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val)
+            out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
+        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val, replayed)
     return out
 
 
-def held_out_devices(ctx, frac: float) -> tuple:
-    """Validation for the cloud's own choices: a seeded `frac` of round 0's warm devices with a fresh
-    window. Their fresh windows are held out of the replayed step 1 and are what it is scored on, so every
-    kind of device counts — one-interaction devices too, whose own validation slices do not exist (they
-    exist only for the more active devices, which is all the device-side choices can use).
-    Returns (the fresh training rows of the other devices, an EvalSet on the held-out fresh windows)."""
-    from cloud_trainer.data import build_eval_set
-    from cloud_trainer.data.samples import take as take_rows
-    from cloud_trainer.train import take
-
-    w, d = ctx.split.round(0), ctx.cfg.data
-    users = np.flatnonzero((w.fresh[:, 1] > w.fresh[:, 0]) & ~w.cold)
-    held = np.zeros(ctx.n_users, bool)
-    rng = np.random.default_rng(10_000 + ctx.seed)
-    held[rng.choice(users, size=max(1, int(round(frac * len(users)))), replace=False)] = True
-    ev = build_eval_set(ctx.ds, w, "fresh", n_neg=d.eval_negatives, max_len=d.max_len, seed=ctx.seed + 11)
-    rows = ctx.rounds[0].fresh_train
-    return take(rows, ~torch.from_numpy(held)[rows["owner"]]), take_rows(ev, held[ev.user])
-
-
-def _replay_step1(ctx, m_cfg, uploaded, data=None) -> tuple:
-    """Round 0's MoMoDistill step 1 on a copy of the cloud model, on `data` (default: the fresh windows
-    minus the validation slices): (the model, the device models' logits on the logged rows)."""
+def _replay_step1(ctx, m_cfg, uploaded) -> tuple:
+    """Round 0's MoMoDistill step 1 on a copy of the cloud model, on the fresh windows minus the
+    validation slices: (the model, the device models' logits on the logged rows)."""
     import copy
 
     from cloud_trainer.momodistill import step1
 
     model = copy.deepcopy(ctx.model)
-    data = ctx.rounds[0].fresh_train if data is None else data
-    _, teacher = step1(model, data, uploaded, m_cfg, ctx.ds.n_items, seed=ctx.seed)
+    _, teacher = step1(model, ctx.rounds[0].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=ctx.seed)
     return model, teacher
 
 
-def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
+def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) -> dict:
     """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
     (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
     validation slices: round 0 of DCCL replayed without them (devices personalise, MoMoDistill
@@ -198,7 +178,8 @@ def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
     from cloud_trainer.strategies import device_scorer
 
     rd, m = ctx.rounds[0], cfg.momodistill
-    model, teacher = _replay_step1(ctx, m, uploaded)
+    # Step 1 as MoMoDistill's tuning already ran it for the chosen settings (`replayed`), else now.
+    model, teacher = replayed if replayed is not None else _replay_step1(ctx, m, uploaded)
     encoder = copy.deepcopy(ctx.encoder)
     step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
     scores = {}
@@ -216,23 +197,25 @@ def tune_start(ctx, cfg, uploaded, evaluate_val) -> dict:
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": mean_scores(scores)}
 
 
-def tune_momodistill(ctx, cfg, phi) -> dict:
-    """Choose MoMoDistill's λ and kd_extra on held-out devices (`held_out_devices`): the device models
-    of round 0 teach a copy of the cloud model on the other devices' fresh windows (without their
-    validation slices), and the cloud model is scored on the held-out devices' whole fresh windows."""
+def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
+    """Choose MoMoDistill's λ and kd_extra on round 0's validation slices: the device models of round 0
+    teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
+    cloud model is scored on those held-out slices. Returns the choice and the chosen replay."""
     from dataclasses import replace
 
     from cloud_trainer.strategies import cloud_scorer
 
-    data, held = held_out_devices(ctx, cfg.tune_held_out)
-    scores = {}
+    scores, replays = {}, {}
     for cand in cfg.tune_momodistill:
+        key = json.dumps(cand, sort_keys=True)
         m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
-        model, _ = _replay_step1(ctx, m_cfg, phi, data)
-        scores[json.dumps(cand, sort_keys=True)] = per_user(held, score_eval_set(held, cloud_scorer(model, ctx.ds.profile)))["gauc"]
-    best = json.loads(choose_within_noise(scores))  # near-ties keep the setting listed first
+        replays[key] = _replay_step1(ctx, m_cfg, phi)
+        scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
+    key = choose_within_noise(scores)  # near-ties keep the setting listed first
+    best = json.loads(key)
     cfg.momodistill.lam, cfg.momodistill.kd_extra = float(best["lam"]), int(best["kd_extra"])
-    return {"chosen": best, "held_out_gauc": mean_scores(scores), "held_out_devices": int(len(np.unique(held.user)))}
+    return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
+
 
 
 def _mean_std(values: list[float]) -> dict:
