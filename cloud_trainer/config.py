@@ -70,8 +70,11 @@ class ExperimentConfig(BaseModel):
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs 1.39x,
     # 2 costs 1.63x (`python bench/bench_momodistill.py`).
+    # λ = 0 (listed last: chosen only when clearly better) lets validation switch distillation off
+    # where the device models are worse teachers than the labels (Amazon Beauty: bench/probe_teachers.py).
     tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
-        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1}])
+        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1},
+        {"lam": 0.0, "kd_extra": 0}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
