@@ -217,7 +217,6 @@ def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
     return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
 
 
-
 def _mean_std(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(np.nanmean(a)), "std": float(np.nanstd(a)) if len(a) > 1 else 0.0}
