@@ -68,8 +68,8 @@ class ExperimentConfig(BaseModel):
     tune: bool = True  # choose the device step budget on the validation slices (seed 0, round 0)
     tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
-    # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs 1.39x,
-    # 2 costs 1.63x (`python bench/bench_momodistill.py`).
+    # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
+    # 2 ~1.65x (`python bench/bench_momodistill.py`).
     # λ = 0 (listed last: chosen only when clearly better) lets validation switch distillation off
     # where the device models are worse teachers than the labels (Amazon Beauty: bench/probe_teachers.py).
     tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
