@@ -79,10 +79,21 @@ class ExperimentConfig(BaseModel):
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
     device: DeviceTrainConfig = field(default_factory=DeviceTrainConfig)
+    # On-device steps on a bundle that MoMoDistill has just trained on the devices' fresh data (DCCL's
+    # second device session of a round). None: device.steps. Tuning chooses it on the replayed round-0
+    # bundle (`experiment.tune_bundle_steps`): a budget chosen on a model that has not seen the data
+    # need not suit one that has.
+    bundle_steps: int | None = Field(default=None, ge=0)
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
     start: StartConfig = field(default_factory=StartConfig)
+
+    def bundle_device(self) -> DeviceTrainConfig:
+        """The device training settings on a new MoMoDistill bundle: `device` with `bundle_steps`."""
+        from dataclasses import replace
+
+        return self.device if self.bundle_steps is None else replace(self.device, steps=self.bundle_steps)
 
     def to_dict(self) -> dict:
         out = self.model_dump()

@@ -148,7 +148,9 @@ def tune(ctx, cfg) -> dict:
         replayed = None
         if cfg.tune_momodistill:
             out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
-        out["start"] = tune_start(ctx, cfg, uploaded, evaluate_val, replayed)
+        bundle = _replay_round0(ctx, cfg, uploaded, replayed)
+        out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
+        out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
     return out
 
 
@@ -164,24 +166,33 @@ def _replay_step1(ctx, m_cfg, uploaded) -> tuple:
     return model, teacher
 
 
-def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) -> dict:
-    """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
-    (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
-    validation slices: round 0 of DCCL replayed without them (devices personalise, MoMoDistill
-    steps 1 and 2 on the fresh windows minus the validation slices), then each option's starting φ
-    on the new bundle is scored there. Cold start is judged on the same devices with no previous φ."""
+def _replay_round0(ctx, cfg, uploaded, replayed: tuple | None = None) -> tuple:
+    """Round 0 of DCCL replayed without the validation slices: MoMoDistill step 1 (as MoMoDistill's
+    tuning already ran it for the chosen settings, `replayed`, else now) and step 2 on the fresh
+    windows minus the validation slices, taught by the device models `uploaded`. Returns the new
+    bundle (model, encoder) — the bundle every choice about devices on a new bundle is judged on."""
     import copy
 
     from cloud_trainer.momodistill import step2
+
+    rd, m = ctx.rounds[0], cfg.momodistill
+    model, teacher = replayed if replayed is not None else _replay_step1(ctx, m, uploaded)
+    encoder = copy.deepcopy(ctx.encoder)
+    step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
+    return model, encoder
+
+
+def tune_start(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
+    """Choose what devices start from on a new bundle — the encoder's φ, their previous φ, or zero
+    (the cloud model itself); for a device without a previous φ, the encoder's or zero — on round 0's
+    validation slices: each option's starting φ on the replayed bundle (`_replay_round0`) is scored
+    there. Cold start is judged on the same devices with no previous φ."""
     from cloud_trainer.models.encoder import START_COLD, START_WARM
     from cloud_trainer.patch_generator import encode_phi
     from cloud_trainer.strategies import device_scorer
 
-    rd, m = ctx.rounds[0], cfg.momodistill
-    # Step 1 as MoMoDistill's tuning already ran it for the chosen settings (`replayed`), else now.
-    model, teacher = replayed if replayed is not None else _replay_step1(ctx, m, uploaded)
-    encoder = copy.deepcopy(ctx.encoder)
-    step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
+    rd = ctx.rounds[0]
+    model, encoder = bundle
     scores = {}
     c = encoder.config
     for which, options, prev in (("warm", START_WARM, uploaded), ("cold", START_COLD, torch.zeros_like(uploaded))):
@@ -193,8 +204,24 @@ def tune_start(ctx, cfg, uploaded, evaluate_val, replayed: tuple | None = None) 
     for which, options in (("warm", START_WARM), ("cold", START_COLD)):
         best = choose_within_noise({o: scores[f"{which}={o}"] for o in options})
         setattr(cfg.start, which, best)
+    c.start_warm, c.start_cold = cfg.start.warm, cfg.start.cold
     ctx.encoder.config.start_warm, ctx.encoder.config.start_cold = cfg.start.warm, cfg.start.cold
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": mean_scores(scores)}
+
+
+def tune_bundle_steps(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
+    """Choose the step budget of devices re-personalising on a new MoMoDistill bundle — which has
+    already trained on the fresh data they train on, unlike the bundle `cfg.device`'s budget was
+    chosen on — on the replayed round-0 bundle from the chosen starting φ (validation slices, one-SE
+    rule). Written to `cfg.bundle_steps`; the bundles a deployment ships after MoMoDistill carry it."""
+    from cloud_trainer.patch_generator import encode_phi
+    from cloud_trainer.strategies import tune_device_steps
+
+    model, encoder = bundle
+    start = encode_phi(encoder, ctx.profile, ctx.rounds[0].val_seq, uploaded)
+    best, scores = tune_device_steps(ctx, model, start, cfg.bundle_device(), cfg.tune_steps, evaluate_val)
+    cfg.bundle_steps = best
+    return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
 def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:

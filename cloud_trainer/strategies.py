@@ -126,7 +126,9 @@ class DCCL(Strategy):
     """One round: devices personalise φ on the bundle they hold and upload it; the cloud runs
     MoMoDistill (step 1: W_f over the pooled fresh data and the device models; step 2: Θ and g
     distilled from the device models) and ships the new bundle; each device starts from
-    g(profile, history, φ_n) on it and personalises on its local data again."""
+    g(profile, history, φ_n) on it and personalises on its local data again — with the step budget
+    chosen for a bundle that has already trained on that data (`cfg.bundle_device()`); the upload
+    session, on data the bundle it holds has not seen, uses `cfg.device`."""
 
     name, keys = "dccl", ("bundle-in", "dccl-upload", "momodistill", "dccl-start", "dccl")
 
@@ -147,7 +149,7 @@ class DCCL(Strategy):
               seed=ctx.seed * 100 + r)
         start = start_phi(self.encoder, ctx, r, uploaded)
         report("dccl-start", device_scorer(self.model, ctx.ds.profile, start))
-        self.phi, _ = personalize_all(self.model, start, rd.fresh_train, rd.val, dev)
+        self.phi, _ = personalize_all(self.model, start, rd.fresh_train, rd.val, ctx.cfg.bundle_device())
         report("dccl", device_scorer(self.model, ctx.ds.profile, self.phi))
 
 

@@ -40,7 +40,8 @@ def run(args) -> int:
 
         cfg.strategies = ["dccl"]       # a deployment tunes what it deploys: the device budget, MoMoDistill
         tuning = tune(ctx, cfg)         # writes the choices into cfg (saved below, read by `dccl export`)
-        print(f"tuned on validation slices: device steps {cfg.device.steps}, MoMoDistill lam "
+        print(f"tuned on validation slices: device steps {cfg.device.steps} (on a MoMoDistill bundle: "
+              f"{cfg.bundle_device().steps}), MoMoDistill lam "
               f"{cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra}, starting φ: {cfg.start.warm} "
               f"(cold start: {cfg.start.cold})", file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())

@@ -107,11 +107,26 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
         best = max(options, key=start["val_gauc"].get)
         assert options.index(f"{which}={start['chosen'][which]}") <= options.index(best)
     assert res["config"]["start"] == start["chosen"]
+    # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
+    bundle = res["tuning"]["bundle_device.steps"]
+    assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
     write_outputs(res, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["synthetic"] is True and "SYNTHETIC" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "gauc_per_round.png").stat().st_size > 1000
     assert (tmp_path / "gain_by_activity_group.png").stat().st_size > 1000
+
+
+def test_devices_on_a_new_bundle_train_with_the_bundle_budget(tiny_ds):
+    """DCCL's second device session of a round uses `bundle_steps`, the upload session `device.steps`:
+    with no steps on the new bundle, the DCCL devices are exactly their starting φ."""
+    cfg = tiny_config(strategies=["dccl"], tune=False, bundle_steps=0, **{"device.steps": 3})
+    res = run_experiment(cfg, tiny_ds, progress=False)["strategies"]
+    for r in range(2):
+        assert res["dccl"]["rounds"][r]["overall"] == res["dccl-start"]["rounds"][r]["overall"]
+    # ... while the upload session trained (3 steps): its models differ from the bundle they hold.
+    assert res["dccl-upload"]["rounds"][0]["overall"] != res["bundle-in"]["rounds"][0]["overall"]
+    assert tiny_config(tune=False).bundle_device().steps == tiny_config(tune=False).device.steps
 
 
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):

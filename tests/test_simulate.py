@@ -107,11 +107,17 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     from cloud_trainer.experiment import run_experiment
     from cloud_trainer.simulate.loop import SimOptions, Simulation
 
-    cfg, ds = _tiny()
+    # Devices on a new MoMoDistill bundle get their own step budget (bundle_steps): the fleet must
+    # train with it because the bundle's manifest carries it.
+    extra = {"bundle_steps": 7}
+    cfg, ds = _tiny(**extra)
     ref = run_experiment(cfg, ds, progress=False)["strategies"]
-    ref_phi = _reference_phis(_tiny()[0], ds)
-    sim = Simulation(_tiny()[0], ds, tmp_path / "run", SimOptions(pools=2))
+    ref_phi = _reference_phis(_tiny(**extra)[0], ds)
+    sim = Simulation(_tiny(**extra)[0], ds, tmp_path / "run", SimOptions(pools=2))
     res = sim.run()
+    steps = {p.parent.name.split("-")[0]: json.loads(p.read_text())["optimizer"]["steps"]
+             for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
+    assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 20, "r1.1": 7}, steps
 
     dphi = [np.abs(sim.phi_rounds[r] - ref_phi[r]).max(1) for r in range(cfg.rounds)]
     assert dphi[0].max() <= 1e-4, dphi[0].max()

@@ -222,7 +222,7 @@ class Simulation:
 
         def devices_personalize(model, phi0, train, val, dcfg, **kw):
             calls.append(1)
-            return self._devices(strategy, r, len(calls) - 1, phi0)
+            return self._devices(strategy, r, len(calls) - 1, phi0, dcfg)
 
         real = strategies.personalize_all
         strategies.personalize_all = devices_personalize
@@ -234,10 +234,12 @@ class Simulation:
         if len(calls) != 2:
             raise RuntimeError(f"the DCCL strategy trained devices {len(calls)} times in round {r}; expected twice")
 
-    def _devices(self, strategy, r: int, k: int, phi0: torch.Tensor):
+    def _devices(self, strategy, r: int, k: int, phi0: torch.Tensor, dcfg):
         """Serve personalize_all from the fleet: export, announce, collect one patch per device
-        (k = 0: the bundle the devices hold at the round's start; k = 1: the new bundle)."""
-        cfg, fleet, n = self.cfg, self.fleet, self.ds.n_users
+        (k = 0: the bundle the devices hold at the round's start; k = 1: the new bundle). The bundle's
+        manifest carries the device training settings the strategy asked for (`dcfg`: on a new
+        MoMoDistill bundle, the budget chosen for it)."""
+        fleet, n = self.fleet, self.ds.n_users
         version = f"r{r}.{k}-{self.prefix[-8:]}"
         bdir = self.out / "bundles" / version
         # The cloud's work between two fleet sessions runs inside the strategy's round (MoMoDistill
@@ -248,7 +250,7 @@ class Simulation:
                                 "round": r if k == 1 else r - 1, "seconds": gap})
         with self.phase("cloud: export bundle", r, session=k):
             from onnx_export.bundle import write_bundle
-            manifest = write_bundle(strategy.model, strategy.encoder, bdir, version=version, cfg=cfg.device,
+            manifest = write_bundle(strategy.model, strategy.encoder, bdir, version=version, cfg=dcfg,
                                     source={"simulate": self.prefix, "round": r}, overwrite=True)
             self.validator.spec = load_spec(manifest["trainable"])
         with self.phase("bundle -> devices (MQTT)", r, devices=n, session=k):
