@@ -62,6 +62,15 @@ class BundleInfo:
     profile_vocab: tuple[int, ...]
     trainable: dict[str, tuple[int, ...]]     # name -> shape (all float32)
     require_val: bool = False                 # manifest optimizer.require_val: no val slice -> no training
+    steps: int | None = None                  # manifest optimizer.steps: the step budget the cloud chose
+
+
+def step_budget(t, info: BundleInfo) -> int:
+    """A round's step cap: the board's ``train.max_steps``, and — with ``train.follow_bundle_steps`` —
+    at most the bundle's ``optimizer.steps``, the budget the cloud chose for it on validation."""
+    if t.follow_bundle_steps and info.steps is not None:
+        return min(int(t.max_steps), info.steps)
+    return int(t.max_steps)
 
 
 class Model(Protocol):
@@ -250,6 +259,14 @@ class Agent:
                         "skipped": f"no validation slice ({arrays.n_positives} positives; val_frac "
                                    f"{t.val_frac:g} holds none out): the current φ is kept",
                         "train_samples": len(arrays.train), "val_samples": 0, "positives": arrays.n_positives}
+            if step_budget(t, info) == 0:
+                # The cloud chose the budget on its validation slices and found no device step helps
+                # on this bundle: nothing is trained or saved.
+                return {"round": state.rounds, "bundle_version": info.version, "steps": 0,
+                        "skipped": f"the bundle's step budget is 0 (optimizer.steps; train.follow_bundle_steps "
+                                   "is on): the current φ is kept",
+                        "train_samples": len(arrays.train), "val_samples": len(arrays.val),
+                        "positives": arrays.n_positives}
             t0 = time.monotonic()
             res = model.train(phi, state.opt, arrays, self.config, seed=t.seed + state.rounds)
             _check_phi(res.phi, info)
@@ -328,7 +345,8 @@ class BundleModel:
         b = self.bundle
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)},
-                               bool(b.manifest["optimizer"].get("require_val", False)))
+                               bool(b.manifest["optimizer"].get("require_val", False)),
+                               int(b.manifest["optimizer"]["steps"]))
         self._scorer = None
         self._encoder = None
         self._trainer = None
@@ -358,7 +376,7 @@ class BundleModel:
             return {"item": s.item, "hist": s.hist, "profile": s.profile, "label": s.label}
 
         val = as_dict(arrays.val) if len(arrays.val) else None
-        r = self._trainer.train(phi[name], as_dict(arrays.train), steps=t.max_steps, epochs=t.max_epochs,
+        r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info), epochs=t.max_epochs,
                                 seconds=t.max_seconds, batch_size=t.batch_size, val=val, seed=seed)
         loss = r.val_loss_after if val is not None else (r.losses[-1] if r.losses else None)
         # The trainer starts AdamW moments fresh each round (as the PyTorch reference does):

@@ -16,7 +16,7 @@ Example (every key optional except ``device_id``)::
       "max_len": null,                   # hist length L; null = the bundle's max_len
       "mqtt":      {"broker": "mqtt://cloud.example:1883", "prefix": "dccl",
                     "hmac_key": "{DCCL_HMAC_KEY}"},
-      "train":     {"max_steps": 200, "max_epochs": 5, "max_seconds": 60, "neg": 4,
+      "train":     {"max_steps": 200, "follow_bundle_steps": true, "max_epochs": 5, "max_seconds": 60, "neg": 4,
                     "batch_size": 64, "val_frac": 0.2, "seed": 0, "backend": "auto",
                     "impression_negatives": false},
       "retention": {"max_rows": 100000, "max_age_days": 365},
@@ -65,6 +65,8 @@ class MqttConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200           # budget: optimiser steps per round
+    follow_bundle_steps: bool = True   # also stop at the bundle's optimizer.steps (chosen by the cloud
+                                       # on validation; 0 = this bundle is not trained on-device)
     max_epochs: int = 5            # budget: passes over the local training samples
     max_seconds: float = 60.0      # budget: wall time of one round
     neg: int = 4                   # sampled negatives per positive
@@ -241,6 +243,7 @@ def _check_sections(c: AgentConfig, chk: _Checker) -> None:
     if t.backend not in BACKENDS:
         chk.err("train.backend", t.backend, f"must be one of {', '.join(BACKENDS)}")
     chk.bool_("train.impression_negatives", t.impression_negatives)
+    chk.bool_("train.follow_bundle_steps", t.follow_bundle_steps)
 
     chk.int_("retention.max_rows", r.max_rows, 1)
     chk.num("retention.max_age_days", r.max_age_days, 0.0, lo_open=True)
