@@ -118,6 +118,8 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     steps = {p.parent.name.split("-")[0]: json.loads(p.read_text())["optimizer"]["steps"]
              for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
     assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 20, "r1.1": 7}, steps
+    assert [(b["round"], b["session"], b["device_steps"]) for b in res["bundles"]] == \
+        [(0, 0, 20), (0, 1, 7), (1, 0, 20), (1, 1, 7)]
 
     dphi = [np.abs(sim.phi_rounds[r] - ref_phi[r]).max(1) for r in range(cfg.rounds)]
     assert dphi[0].max() <= 1e-4, dphi[0].max()
@@ -169,6 +171,7 @@ def test_agent_killed_and_broker_restarted_mid_round_lose_no_patch(tmp_path):
     path = report.write(res, tmp_path / "run")
     text = path.read_text()
     assert "duplicates dropped by ingest" in text and "broker restarts | 1" in text
+    assert "## Bundles" in text and "| 2 | 2 | 60 |" in text   # round 2, session 2: device steps 60
     assert all((tmp_path / "run" / p).exists() for p in ("results.json", "gauc_per_round.png"))
     print("fault run counts:", json.dumps(c))
 

@@ -119,6 +119,7 @@ class Simulation:
         self.cfg, self.ds, self.out, self.opts = cfg, ds, Path(out).resolve(), opts
         self.counts = Counts()
         self.phases: list[dict] = []
+        self.bundles: list[dict] = []    # every bundle shipped: version, round, session, its device budget
         self.summ: dict[str, list] = {k: [None] * cfg.rounds for k in KEYS}
         self.users: dict[str, list] = {k: [None] * cfg.rounds for k in KEYS}
         self.phi_rounds: list[np.ndarray] = []
@@ -253,6 +254,8 @@ class Simulation:
             manifest = write_bundle(strategy.model, strategy.encoder, bdir, version=version, cfg=dcfg,
                                     source={"simulate": self.prefix, "round": r}, overwrite=True)
             self.validator.spec = load_spec(manifest["trainable"])
+            self.bundles.append({"version": version, "round": r, "session": k,
+                                 "device_steps": manifest["optimizer"]["steps"]})
         with self.phase("bundle -> devices (MQTT)", r, devices=n, session=k):
             self._publish_bundle(bdir, version)
             self._wait(lambda st: sum(s.get("model_version") == version for s in st) == len(st),
@@ -389,6 +392,7 @@ class Simulation:
             "kinds": KIND, "rounds": rounds,
             "counts": self.counts.__dict__,
             "phases": self.phases,
+            "bundles": self.bundles,
             "pool_peak_rss_mb": [s.get("maxrss_mb") for s in getattr(self, "pool_stats", [])],
             "total_seconds": self.total_seconds,
         }

@@ -61,6 +61,15 @@ def phases_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bundles_table(results: dict) -> str:
+    """Each bundle shipped and the step budget its manifest gave the devices (session 2 of a round:
+    the budget chosen for a bundle that has already trained on the devices' fresh data)."""
+    lines = ["| bundle | round | session | device steps |", "|---|---|---|---|"]
+    lines += [f"| {b['version']} | {b['round'] + 1} | {b['session'] + 1} | {b['device_steps']} |"
+              for b in results.get("bundles", [])]
+    return "\n".join(lines)
+
+
 def plots(results: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -136,7 +145,8 @@ def write(results: dict, out: Path) -> Path:
           "the device models they upload (that bundle + each device's φ trained on the round's fresh data); "
           "`momodistill`: the cloud model after MoMoDistill step 1; `dccl-start`: the new bundle with each "
           "device's starting φ; `dccl`: the device models (the new bundle + each device's φ trained on it).", "",
-          metrics_table(results), "", "## What happened", "", counts_table(results), "", "## Phases", "",
+          metrics_table(results), "", "## What happened", "", counts_table(results), "", "## Bundles", "",
+          bundles_table(results), "", "## Phases", "",
           phases_table(results), "",
           "Peak RSS per agent process (MB): " + ", ".join(_f(x) if x is None else f"{x:.0f}"
                                                          for x in results["pool_peak_rss_mb"]), ""]
