@@ -93,7 +93,12 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     assert {c["claim"] for c in res["claims"]} >= {
         "MoMoDistill beats model-over-data on the same data and epochs",
         "device models beat the cloud model they started from (on fresh data it has not seen)",
-        "device models beat the cloud model they started from (on data it has trained on)"}
+        "device models beat the cloud model they started from (on data it has trained on)",
+        "device models beat the cloud model they started from (MetaPatch alone)"}
+    # Each claim's statistic is the paired comparison it names, e.g. MetaPatch alone = the metapatch row's
+    # gain over stale (warm users, last round).
+    (mp,) = [c for c in res["claims"] if c["claim"].endswith("(MetaPatch alone)")]
+    assert mp["mean"] == res["strategies"]["metapatch"]["gain_vs"]["stale"]["overall"]["gauc"]["mean"]
     # Round 0's devices start from the pretrained model, which is the stale one.
     assert res["strategies"]["bundle-in"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
