@@ -161,6 +161,7 @@ def test_same_seed_same_results(tiny_ds):
     (["--dataset", "netflix"], "invalid choice: 'netflix'"),
     (["--rounds", "0"], "rounds = 0"),
     (["--set", "device.lr=-1"], "device.lr"),
+    (["--set", "bundle_steps=-2"], "bundle_steps = -2"),
     (["--set", "data.bogus=1"], "data.bogus"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--dataset", "ml-100k", "--data", "/nonexistent/ml"], "/nonexistent/ml"),
