@@ -259,14 +259,6 @@ class Agent:
                         "skipped": f"no validation slice ({arrays.n_positives} positives; val_frac "
                                    f"{t.val_frac:g} holds none out): the current φ is kept",
                         "train_samples": len(arrays.train), "val_samples": 0, "positives": arrays.n_positives}
-            if step_budget(t, info) == 0:
-                # The cloud chose the budget on its validation slices and found no device step helps
-                # on this bundle: nothing is trained or saved.
-                return {"round": state.rounds, "bundle_version": info.version, "steps": 0,
-                        "skipped": f"the bundle's step budget is 0 (optimizer.steps; train.follow_bundle_steps "
-                                   "is on): the current φ is kept",
-                        "train_samples": len(arrays.train), "val_samples": len(arrays.val),
-                        "positives": arrays.n_positives}
             t0 = time.monotonic()
             res = model.train(phi, state.opt, arrays, self.config, seed=t.seed + state.rounds)
             _check_phi(res.phi, info)
@@ -275,7 +267,9 @@ class Agent:
             state.last_train_time = time.time()
             state.last_train_loss = res.loss
             state.last_train_samples = len(arrays.train)
-            if not res.kept_previous:
+            # A bundle whose step budget is 0 (the cloud found no device step helps on it) still
+            # completes the round with the current φ: the cloud gets this device's model, as from the pools.
+            if not res.kept_previous and res.steps > 0:
                 state.phi_source = "trained"
             state.counters = {**state.counters, "rounds_kept_previous":
                               state.counters.get("rounds_kept_previous", 0) + int(res.kept_previous)}

@@ -228,19 +228,24 @@ def _set_bundle_steps(bundle: Path, steps: int) -> None:
 
 def test_the_bundle_step_budget_caps_on_device_training(device):
     """The manifest's optimizer.steps (the budget the cloud chose on validation for this bundle) caps
-    a round; 0 means the cloud found no device step helps on it: nothing is trained or saved.
+    a round; 0 means the cloud found no device step helps on it: the round completes with φ unchanged
+    (so the device still has a model to upload, as the simulated pools do).
     `train.follow_bundle_steps: false` leaves only the board's own caps."""
     tmp, cfg = device
+    _json(run_edge_cli("edge", "rank", "--config", str(cfg), "--candidates", "1"))   # the encoder's φ
+    before = StateStore(tmp / "state").load()
     _set_bundle_steps(tmp / "bundle", 0)
     rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
-    assert rep["steps"] == 0 and "step budget is 0" in rep["skipped"]
-    assert StateStore(tmp / "state").load().rounds == 0
+    after = StateStore(tmp / "state").load()
+    assert rep["round"] == 1 and rep["steps"] == 0 and after.rounds == 1
+    assert all(np.array_equal(before.phi[k], after.phi[k]) for k in before.phi)
+    assert after.phi_source == before.phi_source == "encoder"
     _set_bundle_steps(tmp / "bundle", 2)
     rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
-    assert rep["round"] == 1 and rep["steps"] == 2, rep          # max_steps is 10, the bundle says 2
+    assert rep["round"] == 2 and rep["steps"] == 2, rep          # max_steps is 10, the bundle says 2
     cfg = write_config(tmp, train={"max_steps": 10, "neg": 2, "val_frac": 0.2, "follow_bundle_steps": False})
     rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
-    assert rep["round"] == 2 and rep["steps"] > 2, rep
+    assert rep["round"] == 3 and rep["steps"] > 2, rep
 
 
 def test_corrupted_bundle_is_a_clear_error_and_state_is_kept(device):
