@@ -32,6 +32,8 @@ trunk or head, raw-input train graphs)::
   loss              {"name": "bce_with_logits", "formula": str}
   optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse",
                      "require_val" (optional, default false: a device with no validation slice does not train)}
+                    ("steps": the on-device budget the cloud chose for this bundle on validation; 0 = no
+                     step helps on it. A board's agent stops there unless train.follow_bundle_steps is off)
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
   reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
