@@ -204,6 +204,8 @@ def tune_start(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
     for which, options in (("warm", START_WARM), ("cold", START_COLD)):
         best = choose_within_noise({o: scores[f"{which}={o}"] for o in options})
         setattr(cfg.start, which, best)
+    # The replayed bundle's encoder and the real one now start devices the chosen way
+    # (tune_bundle_steps trains from the replayed encoder's starting φ).
     c.start_warm, c.start_cold = cfg.start.warm, cfg.start.cold
     ctx.encoder.config.start_warm, ctx.encoder.config.start_cold = cfg.start.warm, cfg.start.cold
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": mean_scores(scores)}

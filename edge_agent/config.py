@@ -66,7 +66,7 @@ class MqttConfig:
 class TrainConfig:
     max_steps: int = 200           # budget: optimiser steps per round
     follow_bundle_steps: bool = True   # also stop at the bundle's optimizer.steps (chosen by the cloud
-                                       # on validation; 0 = this bundle is not trained on-device)
+                                       # on validation; 0 = no step: a round uploads φ unchanged)
     max_epochs: int = 5            # budget: passes over the local training samples
     max_seconds: float = 60.0      # budget: wall time of one round
     neg: int = 4                   # sampled negatives per positive
