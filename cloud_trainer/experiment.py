@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="JSON config file (see cloud_trainer/config.py for every field)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set device.steps=10 (repeatable; VALUE is JSON)")
-    p.add_argument("--no-tune", action="store_true", help="keep the configured device step budget")
+    p.add_argument("--no-tune", action="store_true",
+                   help="keep the config's device step budgets (device.steps, bundle_steps), MoMoDistill settings "
+                        "and start policy instead of choosing them on the validation slices")
     p.add_argument("--out", default="runs/experiment", help="output folder (results.json, results.md, plots)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set cloud.pretrain_epochs=5 (repeatable)")
     p.add_argument("--no-tune", action="store_true",
-                   help="keep the config's device step budget and MoMoDistill settings instead of choosing them "
-                        "on the validation slices (minutes of CPU on ML-100K)")
+                   help="keep the config's device step budgets (device.steps, bundle_steps), MoMoDistill settings "
+                        "and start policy instead of choosing them on the validation slices (minutes of CPU on "
+                        "ML-100K)")
 
 
 def run(args) -> int:
