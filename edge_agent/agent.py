@@ -63,6 +63,20 @@ class BundleInfo:
     trainable: dict[str, tuple[int, ...]]     # name -> shape (all float32)
     require_val: bool = False                 # manifest optimizer.require_val: no val slice -> no training
     steps: int | None = None                  # manifest optimizer.steps: the step budget the cloud chose
+    neg: int | None = None                    # manifest local_data.neg (None: an older bundle without it)
+    val_frac: float | None = None             # manifest local_data.val_frac
+
+
+# Samples for bundles that do not say how the cloud built them (older manifests): the cloud's defaults.
+DEFAULT_NEG, DEFAULT_VAL_FRAC = 4, 0.3
+
+
+def local_samples(t, info: BundleInfo) -> tuple[int, float]:
+    """(negatives per positive, validation fraction) for the device's samples: the board's
+    ``train.neg`` / ``train.val_frac`` when set, else how the cloud built them for this bundle."""
+    neg = t.neg if t.neg is not None else info.neg if info.neg is not None else DEFAULT_NEG
+    frac = t.val_frac if t.val_frac is not None else info.val_frac if info.val_frac is not None else DEFAULT_VAL_FRAC
+    return int(neg), float(frac)
 
 
 def step_budget(t, info: BundleInfo) -> int:
@@ -244,8 +258,9 @@ class Agent:
             info = model.info
             phi, _ = self.current_phi()
             state = self.state()
+            neg, val_frac = local_samples(t, info)
             arrays = self.store.training_arrays(
-                neg=t.neg, max_len=self._max_len(info), val_frac=t.val_frac, seed=t.seed + state.rounds,
+                neg=neg, max_len=self._max_len(info), val_frac=val_frac, seed=t.seed + state.rounds,
                 n_items=info.n_items, n_profile=len(info.profile_vocab),
                 impression_negatives=t.impression_negatives)
             if len(arrays.train.profile):
@@ -257,7 +272,7 @@ class Agent:
                 # no evidence a trained φ beats the current one, so nothing is trained or saved.
                 return {"round": state.rounds, "bundle_version": info.version, "steps": 0,
                         "skipped": f"no validation slice ({arrays.n_positives} positives; val_frac "
-                                   f"{t.val_frac:g} holds none out): the current φ is kept",
+                                   f"{val_frac:g} holds none out): the current φ is kept",
                         "train_samples": len(arrays.train), "val_samples": 0, "positives": arrays.n_positives}
             t0 = time.monotonic()
             res = model.train(phi, state.opt, arrays, self.config, seed=t.seed + state.rounds)
@@ -340,7 +355,9 @@ class BundleModel:
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)},
                                bool(b.manifest["optimizer"].get("require_val", False)),
-                               int(b.manifest["optimizer"]["steps"]))
+                               int(b.manifest["optimizer"]["steps"]),
+                               *((local["neg"], local["val_frac"]) if (local := b.manifest.get("local_data"))
+                                 else (None, None)))
         self._scorer = None
         self._encoder = None
         self._trainer = None
@@ -370,8 +387,13 @@ class BundleModel:
             return {"item": s.item, "hist": s.hist, "profile": s.profile, "label": s.label}
 
         val = as_dict(arrays.val) if len(arrays.val) else None
-        r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info), epochs=t.max_epochs,
-                                seconds=t.max_seconds, batch_size=t.batch_size, val=val, seed=seed)
+        if t.rule == "bundle":   # the cloud's reference rule: full batch, the last φ or the previous one
+            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info),
+                                    seconds=t.max_seconds, val=val, seed=seed, select="final")
+        else:
+            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info),
+                                    epochs=t.max_epochs, seconds=t.max_seconds, batch_size=t.batch_size, val=val,
+                                    patience=t.patience, seed=seed)
         loss = r.val_loss_after if val is not None else (r.losses[-1] if r.losses else None)
         # The trainer starts AdamW moments fresh each round (as the PyTorch reference does):
         # there is no optimiser state to carry over, so none is saved.

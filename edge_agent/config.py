@@ -16,9 +16,9 @@ Example (every key optional except ``device_id``)::
       "max_len": null,                   # hist length L; null = the bundle's max_len
       "mqtt":      {"broker": "mqtt://cloud.example:1883", "prefix": "dccl",
                     "hmac_key": "{DCCL_HMAC_KEY}"},
-      "train":     {"max_steps": 200, "follow_bundle_steps": true, "max_epochs": 5, "max_seconds": 60, "neg": 4,
-                    "batch_size": 64, "val_frac": 0.2, "seed": 0, "backend": "auto",
-                    "impression_negatives": false},
+      "train":     {"rule": "bundle", "max_steps": 200, "follow_bundle_steps": true, "max_seconds": 60,
+                    "neg": null, "val_frac": null, "max_epochs": 5, "batch_size": 64, "patience": 3,
+                    "seed": 0, "backend": "auto", "impression_negatives": false},
       "retention": {"max_rows": 100000, "max_age_days": 365},
       "http":      {"bind": "127.0.0.1", "port": 8765, "allow_remote": false}
     }
@@ -62,16 +62,27 @@ class MqttConfig:
     tls_ca: str | None = None                 # CA certificate (PEM) that signed the broker's TLS certificate
 
 
+RULES = ("bundle", "early_stop")
+
+
 @dataclass
 class TrainConfig:
+    # "bundle": the rule the cloud chose the bundle's budget under (its reference, personalize_all):
+    #   full-batch AdamW steps up to the budget, then the last φ is kept unless the validation
+    #   slice's loss got worse (the manifest's keep_if_worse). "early_stop": mini-batches of
+    #   batch_size for at most max_epochs passes, the best φ of those evaluated after each epoch,
+    #   stopping after `patience` evaluations without improvement.
+    rule: str = "bundle"
     max_steps: int = 200           # budget: optimiser steps per round
     follow_bundle_steps: bool = True   # also stop at the bundle's optimizer.steps (chosen by the cloud
                                        # on validation; 0 = no step: a round uploads φ unchanged)
-    max_epochs: int = 5            # budget: passes over the local training samples
     max_seconds: float = 60.0      # budget: wall time of one round
-    neg: int = 4                   # sampled negatives per positive
-    batch_size: int = 64
-    val_frac: float = 0.2          # newest fraction of positives held out for early stopping
+    neg: int | None = None         # sampled negatives per positive; null = the bundle's local_data.neg
+    val_frac: float | None = None  # newest fraction of positives held out for validation;
+                                   # null = the bundle's local_data.val_frac
+    max_epochs: int = 5            # "early_stop" only: passes over the local training samples
+    batch_size: int = 64           # "early_stop" only
+    patience: int = 3              # "early_stop" only
     seed: int = 0
     backend: str = "auto"          # auto | portable | ort-training
     impression_negatives: bool = False   # also use shown-but-never-clicked items as negatives
@@ -232,12 +243,16 @@ def _check_sections(c: AgentConfig, chk: _Checker) -> None:
         elif len(key) < 16:
             chk.err("mqtt.hmac_key", m.hmac_key, f"too short: {len(key)} bytes, need >= 16")
 
+    if t.rule not in RULES:
+        chk.err("train.rule", t.rule, f"must be one of {', '.join(RULES)}")
     chk.int_("train.max_steps", t.max_steps, 1)
     chk.int_("train.max_epochs", t.max_epochs, 1)
+    chk.int_("train.patience", t.patience, 1)
     chk.num("train.max_seconds", t.max_seconds, 0.0, lo_open=True)
-    chk.int_("train.neg", t.neg, 0, 1000)
+    if t.neg is not None:
+        chk.int_("train.neg", t.neg, 0, 1000)
     chk.int_("train.batch_size", t.batch_size, 1, 65536)
-    if chk.num("train.val_frac", t.val_frac, 0.0) and t.val_frac >= 1.0:
+    if t.val_frac is not None and chk.num("train.val_frac", t.val_frac, 0.0) and t.val_frac >= 1.0:
         chk.err("train.val_frac", t.val_frac, "must be < 1")
     chk.int_("train.seed", t.seed, 0, 2**63 - 1)
     if t.backend not in BACKENDS:

@@ -444,17 +444,17 @@ class Pool:
                 metrics = {"steps": 0.0, "kept_previous": 1.0, "no_val": 1.0}
                 self.stats["kept_previous"] += 1
             else:
-                res = tr.train(phi0, train, steps=int(opt["steps"]))
+                val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common) if V > 0 else None
+                # The reference rule (a board's agent with train.rule "bundle" runs the same call): the
+                # whole budget full-batch, then φ0 is kept if the validation loss got worse.
+                res = tr.train(phi0, train, steps=int(opt["steps"]), val=val, select="final")
                 phi = res.phi
                 metrics = {"steps": float(res.steps)}
                 if res.losses:
                     metrics["train_loss"] = res.losses[-1]
-            if V > 0:
-                val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common)
-                before, after = tr.scorer.loss(phi0, val), tr.scorer.loss(phi, val)
-                metrics.update(val_before=before, val_after=after)
-                if opt.get("keep_if_worse", True) and after > before:
-                    phi = phi0           # the reference rule: keep the starting φ if validation got worse
+                if val is not None:
+                    metrics.update(val_before=res.val_loss_before, val_after=res.val_loss_after)
+                if res.kept_previous:
                     metrics["kept_previous"] = 1.0
                     self.stats["kept_previous"] += 1
             self.stats["trained"] += int(metrics["steps"] > 0)

@@ -7,7 +7,8 @@ and, after every local training round, sends the signed patch through the durabl
 
 Model updates. A new bundle, once fetched and verified, is *checked* before it is used:
 its graphs must load (training step, inference, encoder), and on this device's own
-validation slice (the newest ``train.val_frac`` of its positives, with seeded negatives)
+validation slice (the newest ``train.val_frac`` of its positives — by default the bundle's
+``local_data.val_frac`` — with seeded negatives)
 the new bundle with its encoder's starting φ must not be worse than the current bundle with
 the current φ, by more than ``update_tolerance`` (relative). Otherwise it is refused and the
 device stays on the current bundle (``ModelUpdater`` reports ``rolled_back``). Without local
@@ -212,7 +213,7 @@ class EdgeRunner:
         """Load every graph of the bundle (raises if one does not load) and its validation loss
         on local data with the φ this device would use with it (None: no validation data)."""
         from edge_agent import trainer as T
-        from edge_agent.agent import BundleModel
+        from edge_agent.agent import BundleModel, local_samples
 
         cfg, t = self.config, self.config.train
         model = BundleModel(cfg, bundle_dir)               # manifest + sha256 of every file
@@ -230,7 +231,8 @@ class EdgeRunner:
         else:
             phi, source = model.initial_phi(profile[None, :], hist[None, :], st.phi if shapes_ok else None)
         try:
-            arrays = store.training_arrays(neg=t.neg, max_len=info.max_len, val_frac=t.val_frac, seed=t.seed,
+            neg, val_frac = local_samples(t, info)
+            arrays = store.training_arrays(neg=neg, max_len=info.max_len, val_frac=val_frac, seed=t.seed,
                                            n_items=info.n_items, n_profile=len(vocab),
                                            impression_negatives=t.impression_negatives)
         except DcclError as exc:                     # no local positives

@@ -395,17 +395,23 @@ class Trainer:
 
     def train(self, phi0, data: Arrays | Sequence[Arrays], *, steps: int | None = None, epochs: int | None = None,
               seconds: float | None = None, batch_size: int | None = None, val: Arrays | None = None,
-              patience: int = 3, lr: float | None = None, seed: int = 0) -> TrainResult:
+              patience: int = 3, lr: float | None = None, seed: int = 0, select: str = "best") -> TrainResult:
         """One AdamW step per batch.
 
         ``data``: a dict of arrays (item, hist, profile, label), split into mini-batches of
         ``batch_size`` (default: the whole set, one full-batch step per epoch; shuffled per epoch
         with ``seed`` when smaller), or a list of such dicts used in order. Budget: at most
         ``steps`` steps, ``epochs`` passes and ``seconds`` of wall time; with none given, the
-        manifest's ``optimizer.steps``. With ``val``, φ is evaluated after every epoch; training
-        stops after ``patience`` evaluations without improvement and the best φ is kept; if it is
-        no better than ``phi0`` (and the manifest says ``keep_if_worse``), ``phi0`` is returned.
+        manifest's ``optimizer.steps``.
+
+        ``select`` says which φ a validation slice ``val`` chooses. ``"best"``: φ is evaluated after
+        every epoch; training stops after ``patience`` evaluations without improvement and the best
+        φ is kept. ``"final"`` (the cloud's reference rule, ``personalize_all``): the whole budget is
+        trained and only the last φ is evaluated. Either way, if the chosen φ is no better than
+        ``phi0`` (and the manifest says ``keep_if_worse``), ``phi0`` is returned.
         """
+        if select not in ("best", "final"):
+            raise TrainerError(f"select = {select!r}: must be 'best' or 'final'")
         t0 = time.monotonic()
         b = self.bundle
         phi0 = b.check_phi(phi0, "phi0")
@@ -482,7 +488,9 @@ class Trainer:
             if not np.all(np.isfinite(current)):
                 stopped = "non_finite"
                 break
-            if val is not None:
+            if val is None:
+                best_phi, best_step = current, len(losses)
+            elif select == "best":
                 v = self._val_loss(current, val)
                 if v < best_val:
                     best_phi, best_val, best_step, stale = current, v, len(losses), 0
@@ -491,23 +499,23 @@ class Trainer:
                     if stale >= patience:
                         stopped = "early_stop"
                         break
-            else:
-                best_phi, best_step = current, len(losses)
             if epochs is not None and epoch >= epochs:
                 stopped = "epochs"
                 break
             if steps is not None and len(losses) >= steps:
                 stopped = "steps"
                 break
-        if stopped in ("steps", "seconds") and len(losses) > best_step:
-            # The budget ended mid-epoch: judge the last φ too.
+        if (stopped in ("steps", "seconds") or select == "final") and stopped != "non_finite" \
+                and len(losses) > best_step:
+            # The budget ended mid-epoch (or only the last φ is judged): judge the last φ.
             current = self._impl.phi()
             if np.all(np.isfinite(current)):
                 if val is None:
                     best_phi, best_step = current, len(losses)
                 else:
                     v = self._val_loss(current, val)
-                    if v < best_val:
+                    # "final" keeps phi0 only when the loss got worse, as the reference does.
+                    if v < best_val or (select == "final" and v == best_val):
                         best_phi, best_val, best_step = current, v, len(losses)
         trained = best_phi if best_step > 0 else None
         kept = False

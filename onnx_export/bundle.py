@@ -107,9 +107,10 @@ def reference_values(model: MetaPatchModel, cfg: DeviceTrainConfig, steps: int =
 
 
 def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: str, files: dict,
-                   has_encoder: bool, cached: bool = False, source: dict | None = None) -> dict:
+                   has_encoder: bool, cached: bool = False, source: dict | None = None,
+                   local_data: dict | None = None) -> dict:
     dcfg = model.base.config
-    return {
+    manifest = {
         "format": mf.FORMAT,
         "manifest_version": mf.MANIFEST_VERSION,
         "bundle_version": version,
@@ -137,16 +138,22 @@ def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: st
         "source": source or {},
         "versions": _versions(),
     }
+    if local_data is not None:
+        manifest["local_data"] = {"neg": int(local_data["neg"]), "val_frac": float(local_data["val_frac"])}
+    return manifest
 
 
 def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: str | os.PathLike, *,
                  version: str, cfg: DeviceTrainConfig | None = None, source: dict | None = None,
-                 overwrite: bool = False, check: bool = True, cache_features: bool | None = None) -> dict:
+                 overwrite: bool = False, check: bool = True, cache_features: bool | None = None,
+                 local_data: dict | None = None) -> dict:
     """Export everything into ``out_dir`` (created; must not exist unless ``overwrite``). Returns
     the manifest. Without a trained encoder, a fresh one (φ_prev passes through) is exported and
     the manifest's ``source.encoder_trained`` says so. ``cache_features`` (default: whether the
     model is ``cacheable``): train graphs on the head with a trunk model, else on the raw inputs;
-    True for a model whose patches are not all in the head is an error."""
+    True for a model whose patches are not all in the head is an error. ``local_data``
+    ({"neg", "val_frac"}, optional): how the cloud built the devices' samples (the manifest's
+    ``local_data``; a board's agent builds its own the same way)."""
     cfg = cfg or DeviceTrainConfig()
     cached = model.cacheable if cache_features is None else bool(cache_features)
     if cached and not model.cacheable:
@@ -186,7 +193,7 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
         if cached:
             names += [trunk.TRUNK_FILE, trunk.HEAD_FILE]
         manifest = build_manifest(model, cfg, version=version, files=mf.file_entries(tmp, names),
-                                  has_encoder=True, cached=cached, source=source)
+                                  has_encoder=True, cached=cached, source=source, local_data=local_data)
         mf.write(tmp, manifest)
         if check:
             check_bundle(tmp)

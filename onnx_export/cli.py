@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     model, encoder, meta = load_checkpoint(args.checkpoint)
     # The device training settings the checkpoint was trained for (`dccl cloud train` records its config),
     # then the command line's overrides.
-    trained_for = ((meta.get("extra") or {}).get("config") or {}).get("device") or {}
+    trained_config = (meta.get("extra") or {}).get("config") or {}
+    trained_for = trained_config.get("device") or {}
+    data = trained_config.get("data") or {}
+    # How the cloud built the devices' samples when it chose the budget; a board builds its own alike.
+    local_data = {k: data[k] for k in ("neg", "val_frac")} if all(k in data for k in ("neg", "val_frac")) else None
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("weight_decay", args.weight_decay))
                  if v is not None}
     try:
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not version.strip() or "/" in version:
         raise DcclError(f"--version {version!r}: must be a non-empty name without '/'")
     manifest = write_bundle(model, encoder, args.out, version=version, cfg=cfg, overwrite=args.force,
+                            local_data=local_data,
                             source={"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest,
                                     "step": meta["step"], "round": meta["round"]})
     size = sum(e["size"] for e in manifest["files"].values())

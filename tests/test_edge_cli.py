@@ -27,7 +27,9 @@ from tests.edge_fixtures import REPO, build_bundle, edge_python, run_edge_cli, w
 def test_config_defaults_and_relative_paths(tmp_path):
     cfg = load_config(write_config(tmp_path))
     assert cfg.device_id == "dev-1" and cfg.state_dir == tmp_path / "state"
-    assert cfg.http.bind == "127.0.0.1" and cfg.train.max_steps == 20 and cfg.train.neg == 4
+    assert cfg.http.bind == "127.0.0.1" and cfg.train.max_steps == 20
+    # By default a board trains by the bundle's rule and builds its samples as the bundle says.
+    assert cfg.train.rule == "bundle" and cfg.train.neg is None and cfg.train.val_frac is None
     assert cfg.store_path == tmp_path / "state" / "store.sqlite"
 
 
@@ -37,6 +39,9 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ({"train": {"max_steps": True}}, "train.max_steps = true: must be an integer"),
     ({"train": {"val_frac": 1.0}}, "train.val_frac = 1.0: must be < 1"),
     ({"train": {"backend": "gpu"}}, 'train.backend = "gpu": must be one of auto, portable, ort-training'),
+    ({"train": {"rule": "best"}}, 'train.rule = "best": must be one of bundle, early_stop'),
+    ({"train": {"patience": 0}}, "train.patience = 0: must be >= 1"),
+    ({"train": {"neg": -2}}, "train.neg = -2: must be >= 0"),
     ({"train": {"max_stepz": 3}}, "train.max_stepz = 3: unknown key"),
     ({"retention": {"max_rows": 0}}, "retention.max_rows = 0: must be >= 1"),
     ({"http": {"port": 70000}}, "http.port = 70000: must be <= 65535"),

@@ -281,6 +281,19 @@ def test_manifest_field_errors_name_the_field(bundle):
     bad["inputs"]["hist"]["shape"] = ["batch", -1]
     with pytest.raises(mf.ManifestError, match="inputs.hist.shape"):
         mf.validate(bad)
+    # local_data (how the cloud built the devices' samples) is optional; when present it is checked.
+    assert "local_data" not in m
+    ok = json.loads(json.dumps(m))
+    ok["local_data"] = {"neg": 4, "val_frac": 0.3}
+    mf.validate(ok)
+    for local, msg in (({"neg": -1, "val_frac": 0.3}, "local_data.neg: -1 must be an integer >= 0"),
+                       ({"neg": 4, "val_frac": 1.0}, r"local_data.val_frac: 1.0 must be a number in \[0, 1\)"),
+                       ({"neg": True, "val_frac": 0.3}, "local_data.neg: True is not int"),
+                       ({"val_frac": 0.3}, "local_data.neg: missing")):
+        bad = json.loads(json.dumps(m))
+        bad["local_data"] = local
+        with pytest.raises(mf.ManifestError, match=msg):
+            mf.validate(bad)
 
 
 def test_manifest_train_inputs_and_trunk_are_validated(bundle, raw_bundle, tmp_path):
@@ -378,6 +391,14 @@ def test_cli_export(tmp_path, capsys):
     assert m["bundle_version"].startswith("r2-s42-") and m["optimizer"]["lr"] == 0.02
     assert m["source"]["step"] == 42 and len(m["source"]["checkpoint_sha256"]) == 64
     assert "contract check passed" in capsys.readouterr().out
+    assert "local_data" not in m          # the checkpoint does not say how the cloud built samples
+    # A checkpoint from `dccl cloud train` records its config: the bundle carries its sample rules.
+    ckpt2 = save_checkpoint(tmp_path / "ckpt2.pt", model, None, step=43, round=2,
+                            extra={"config": {"data": {"neg": 6, "val_frac": 0.25}, "device": {"steps": 3}}})
+    assert dccl_main(["export", "--checkpoint", str(ckpt2), "--out", str(tmp_path / "b1")]) == 0
+    m2 = mf.load(tmp_path / "b1")
+    assert m2["local_data"] == {"neg": 6, "val_frac": 0.25} and m2["optimizer"]["steps"] == 3
+    capsys.readouterr()
     # Refuses to overwrite, one clear line, exit 2.
     assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

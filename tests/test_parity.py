@@ -159,6 +159,87 @@ def test_early_stopping_keeps_best_and_previous(bundle, local_data, backend):
     assert r.trained_phi is None or not np.array_equal(r.trained_phi, phi0)
 
 
+def _reference_rule(model, phi0, train, val, steps):
+    """`personalize_all` (the cloud's rule) for one device: `steps` full-batch steps, φ0 kept if the
+    validation loss got worse."""
+    from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
+
+    def owned(b):
+        t = {k: torch.from_numpy(np.ascontiguousarray(b[k])) for k in KEYS}
+        return {**t, "owner": torch.zeros(len(b["item"]), dtype=torch.int64)}
+
+    cfg = DeviceTrainConfig(**{**DEVICE_CFG.to_dict(), "steps": steps})
+    phi, info = personalize_all(model, torch.from_numpy(phi0), owned(train), owned(val), cfg)
+    return phi.numpy(), bool(info["kept_previous"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_final_rule_is_the_cloud_reference(bundle, local_data, backend):
+    """select="final" (a board's train.rule "bundle", the simulated pools) computes what the cloud's
+    `personalize_all` computes: the whole budget in full-batch steps, then φ0 when validation got
+    worse. "best" may stop at an earlier step; "final" never does."""
+    from edge_agent.trainer import Trainer
+
+    model, bundle_dir = bundle
+    trainer = Trainer(bundle_dir, backend, threads=1)
+    train, val = local_data
+    phi0 = (np.random.default_rng(3).standard_normal((1, PHI)) * 0.1).astype(np.float32)
+    seen = set()
+    for labels, steps in (("same", 6), ("flipped", 6), ("same", 40)):
+        data = train if labels == "same" else dict(train, label=1.0 - train["label"])
+        want, want_kept = _reference_rule(model, phi0, data, val, steps)
+        seen.add(want_kept)
+        r = trainer.train(phi0, data, steps=steps, val=val, select="final")
+        assert r.steps == steps and r.kept_previous == want_kept, (labels, steps)
+        assert np.abs(r.phi - want).max() <= PHI_TOL, (labels, steps)
+        if want_kept:
+            assert np.array_equal(r.phi, phi0) and r.best_step == 0
+        else:
+            assert r.best_step == steps and not np.array_equal(r.phi, phi0)
+    assert seen == {True, False}, "both branches (trained φ kept, φ0 kept) must be exercised"
+    with pytest.raises(Exception, match="select = 'last'"):
+        trainer.train(phi0, train, steps=1, select="last")
+
+
+def test_a_board_round_is_the_cloud_reference(tmp_path):
+    """A board's agent with its default rule ("bundle") builds its samples as the bundle's
+    local_data says, trains the bundle's budget full-batch and keeps φ0 if validation got worse:
+    the φ it saves is what `personalize_all` computes on those samples."""
+    import json
+    import shutil
+    import time
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import config_from_dict
+
+    model, src = shared_bundle("cached")
+    shutil.copytree(src, tmp_path / "bundle")
+    path = tmp_path / "bundle" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["local_data"], m["optimizer"]["steps"] = {"neg": 2, "val_frac": 0.25}, 5
+    path.write_text(json.dumps(m))
+    cfg = config_from_dict({"device_id": "dev-1", "state_dir": "state", "bundle_dir": "bundle",
+                            "train": {"backend": "portable"}}, base_dir=tmp_path)
+    rng = np.random.default_rng(5)
+    items = rng.choice(np.arange(1, 1683), 24, replace=False)
+    t0 = time.time() - 3600.0          # recent: older events fall to the store's retention
+    with Agent(cfg) as agent:
+        agent.set_profile([3, 1, 7])
+        agent.ingest([{"event_id": f"e{i}", "kind": "click", "item": int(it), "ts": t0 + i}
+                      for i, it in enumerate(items)])
+        phi0, _ = agent.current_phi()
+        rep = agent.train_round()
+        after = agent.state().phi
+        arrays = agent.store.training_arrays(neg=2, max_len=m["schema"]["max_len"], val_frac=0.25, seed=0,
+                                             n_items=1682, n_profile=3)
+    (name,) = phi0
+    assert rep["steps"] == 5 and rep["positives"] == 24 and rep["val_samples"] == 6 * 3    # 25 % of 24, 2 negatives
+    as_dict = lambda a: {"item": a.item, "hist": a.hist, "profile": a.profile, "label": a.label}  # noqa: E731
+    want, kept = _reference_rule(model, phi0[name].reshape(1, -1), as_dict(arrays.train), as_dict(arrays.val), 5)
+    assert rep["kept_previous"] == kept
+    assert np.abs(after[name].reshape(1, -1) - want).max() <= PHI_TOL
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_trunk_runs_once_per_call(bundle, local_data, backend):
     """A cached bundle computes the trunk features once per train() call (and once for the

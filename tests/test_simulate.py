@@ -115,9 +115,12 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     ref_phi = _reference_phis(_tiny(**extra)[0], ds)
     sim = Simulation(_tiny(**extra)[0], ds, tmp_path / "run", SimOptions(pools=2))
     res = sim.run()
-    steps = {p.parent.name.split("-")[0]: json.loads(p.read_text())["optimizer"]["steps"]
-             for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
+    manifests = {p.parent.name.split("-")[0]: json.loads(p.read_text())
+                 for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
+    steps = {k: m["optimizer"]["steps"] for k, m in manifests.items()}
     assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 20, "r1.1": 7}, steps
+    # ... and says how the cloud built the devices' samples (a board's agent builds its own alike).
+    assert all(m["local_data"] == {"neg": cfg.data.neg, "val_frac": cfg.data.val_frac} for m in manifests.values())
     assert [(b["round"], b["session"], b["device_steps"]) for b in res["bundles"]] == \
         [(0, 0, 20), (0, 1, 7), (1, 0, 20), (1, 1, 7)]
 

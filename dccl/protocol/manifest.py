@@ -34,6 +34,10 @@ trunk or head, raw-input train graphs)::
                      "require_val" (optional, default false: a device with no validation slice does not train)}
                     ("steps": the on-device budget the cloud chose for this bundle on validation; 0 = no
                      step helps on it. A board's agent stops there unless train.follow_bundle_steps is off)
+  local_data        {"neg": int >= 0, "val_frac": 0 <= float < 1}   (optional: how the cloud built each
+                     device's samples when it chose this bundle's budget — sampled negatives per positive,
+                     the newest fraction of the fresh positives held out for validation. A board's agent
+                     uses them unless its config sets train.neg / train.val_frac)
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
   reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
@@ -211,6 +215,14 @@ def validate(obj: Any) -> dict:
     _need(opt, "keep_if_worse", bool, "optimizer.")
     if "require_val" in opt and not isinstance(opt["require_val"], bool):
         raise ManifestError("optimizer.require_val", f"{opt['require_val']!r} must be true or false")
+    if obj.get("local_data") is not None:
+        local = _need(obj, "local_data", dict, "")
+        neg = _need(local, "neg", int, "local_data.")
+        if neg < 0:
+            raise ManifestError("local_data.neg", f"{neg!r} must be an integer >= 0")
+        frac = _need(local, "val_frac", (int, float), "local_data.")
+        if not 0 <= frac < 1:
+            raise ManifestError("local_data.val_frac", f"{frac!r} must be a number in [0, 1)")
     _need(_need(obj, "loss", dict, ""), "name", str, "loss.")
     _need(obj, "versions", dict, "")
     if "reference" in obj and obj["reference"] is not None:
