@@ -1,6 +1,6 @@
 """MoMoDistill step-1 epoch vs a plain cloud epoch on the same data (goal: <= 1.5x), from one run.
 
-    .venv/bin/python bench/bench_momodistill.py [--dataset ml-100k] [--repeats 3] [--kd-extra 0 1 2]
+    .venv/bin/python bench/bench_momodistill.py [--dataset ml-100k] [--repeats 3] [--kd-extra 0 1 2] [--kd-balance 0 1]
 
 Both sides train the same copy of the pretrained-size model on the same pooled fresh window of round 0,
 for MoMoDistill's configured number of step-1 epochs. The MoMoDistill side includes scoring the device
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kd-extra", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--kd-balance", type=float, nargs="+", default=[0.0],
+                   help="device balance of the distillation term (each value with each kd_extra)")
     a = p.parse_args()
     torch.manual_seed(0)
     ds = make_synthetic() if a.dataset == "synthetic" else load_dataset(a.dataset, a.data)
@@ -41,25 +43,28 @@ def main() -> None:
     model = build_model(cfg, MetaPatchConfig(phi_dim=64), torch.from_numpy(np.asarray(ds.item_attrs)))
     phi = torch.randn(ds.n_users, 64) * 0.5
     epochs = MoMoDistillConfig().step1_epochs
-    plain, momo = [], {k: [] for k in a.kd_extra}
+    settings = [(k, b) for k in a.kd_extra for b in a.kd_balance]
+    plain, momo = [], {s: [] for s in settings}
     for r in range(a.repeats):  # interleaved, so load drift hits every side alike
         m = copy.deepcopy(model)
         t = time.perf_counter()
         fit_cloud(m, data, list(m.cloud_parameters().values()), epochs, 1e-3, 512, seed=r)
         plain.append((time.perf_counter() - t) / epochs)
-        for k in a.kd_extra:
+        for k, b in settings:
             m = copy.deepcopy(model)
             t = time.perf_counter()
-            step1(m, data, phi, MoMoDistillConfig(step1_epochs=epochs, lam=1.0, kd_extra=k), ds.n_items, seed=r)
-            momo[k].append((time.perf_counter() - t) / epochs)
+            step1(m, data, phi, MoMoDistillConfig(step1_epochs=epochs, lam=1.0, kd_extra=k, kd_balance=b), ds.n_items,
+                  seed=r)
+            momo[(k, b)].append((time.perf_counter() - t) / epochs)
     pm = float(np.median(plain))
     print(f"dataset {ds.name}: {len(data['item'])} fresh samples, {epochs} epochs, {torch.get_num_threads()} threads, "
           f"median of {a.repeats}")
     print(f"plain cloud epoch                 {pm:7.2f} s   1.00x")
-    for k, times in momo.items():
+    for (k, b), times in momo.items():
         mm = float(np.median(times))
         verdict = "met" if mm / pm <= 1.5 else "MISSED"
-        print(f"MoMoDistill step-1, kd_extra {k}    {mm:7.2f} s   {mm / pm:.2f}x  (goal <= 1.5x: {verdict})")
+        print(f"MoMoDistill step-1, kd_extra {k}, kd_balance {b:g}    {mm:7.2f} s   {mm / pm:.2f}x  "
+              f"(goal <= 1.5x: {verdict})")
 
 
 if __name__ == "__main__":

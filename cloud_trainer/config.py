@@ -70,11 +70,15 @@ class ExperimentConfig(BaseModel):
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
     # 2 ~1.65x (`python bench/bench_momodistill.py`).
+    # kd_balance 1 gives every device model the same weight in the distillation term (the paper's sum
+    # over rows lets the most active devices dominate); listed after the row-weighted setting of the
+    # same cost, so it is chosen only when clearly better.
     # λ = 0 (listed last: chosen only when clearly better) lets validation switch distillation off
     # where the device models are worse teachers than the labels (Amazon Beauty: bench/probe_teachers.py).
-    tune_momodistill: list[dict[Literal["lam", "kd_extra"], float]] = Field(default_factory=lambda: [
-        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1},
-        {"lam": 0.0, "kd_extra": 0}])
+    tune_momodistill: list[dict[Literal["lam", "kd_extra", "kd_balance"], float]] = Field(default_factory=lambda: [
+        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 0, "kd_balance": 1.0},
+        {"lam": 1.0, "kd_extra": 1}, {"lam": 1.0, "kd_extra": 1, "kd_balance": 1.0},
+        {"lam": 3.0, "kd_extra": 1}, {"lam": 0.0, "kd_extra": 0}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
@@ -88,6 +92,18 @@ class ExperimentConfig(BaseModel):
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
     start: StartConfig = field(default_factory=StartConfig)
+
+    @pydantic.field_validator("tune_momodistill")
+    @classmethod
+    def _momodistill_candidates(cls, grid: list[dict]) -> list[dict]:
+        for i, cand in enumerate(grid):
+            missing = [k for k in ("lam", "kd_extra") if k not in cand]
+            if missing:
+                raise ValueError(f"candidate {i} ({json.dumps(cand)}) has no {', '.join(missing)}")
+            if cand["kd_extra"] != int(cand["kd_extra"]):
+                raise ValueError(f"candidate {i}: kd_extra = {cand['kd_extra']:g} must be an integer")
+            MoMoDistillConfig(lam=cand["lam"], kd_extra=int(cand["kd_extra"]), kd_balance=cand.get("kd_balance", 0.0))
+        return grid
 
     def bundle_device(self) -> DeviceTrainConfig:
         """The device training settings on a new MoMoDistill bundle: `device` with `bundle_steps`."""

@@ -229,7 +229,7 @@ def tune_bundle_steps(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
 
 
 def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
-    """Choose MoMoDistill's λ and kd_extra on round 0's validation slices: the device models of round 0
+    """Choose MoMoDistill's λ, kd_extra and kd_balance on round 0's validation slices: the device models of round 0
     teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
     cloud model is scored on those held-out slices. Returns the choice and the chosen replay."""
     from dataclasses import replace
@@ -239,13 +239,20 @@ def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
     scores, replays = {}, {}
     for cand in cfg.tune_momodistill:
         key = json.dumps(cand, sort_keys=True)
-        m_cfg = replace(cfg.momodistill, lam=float(cand["lam"]), kd_extra=int(cand["kd_extra"]))
+        m_cfg = replace(cfg.momodistill, **_momodistill_setting(cand))
         replays[key] = _replay_step1(ctx, m_cfg, phi)
         scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
     key = choose_within_noise(scores)  # near-ties keep the setting listed first
     best = json.loads(key)
-    cfg.momodistill.lam, cfg.momodistill.kd_extra = float(best["lam"]), int(best["kd_extra"])
+    for name, value in _momodistill_setting(best).items():
+        setattr(cfg.momodistill, name, value)
     return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
+
+
+def _momodistill_setting(cand: dict) -> dict:
+    """One candidate of `tune_momodistill` as MoMoDistillConfig fields (kd_balance absent = 0)."""
+    return {"lam": float(cand["lam"]), "kd_extra": int(cand["kd_extra"]),
+            "kd_balance": float(cand.get("kd_balance", 0.0))}
 
 
 def _mean_std(values: list[float]) -> dict:

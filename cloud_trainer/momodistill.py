@@ -27,6 +27,10 @@ class MoMoDistillConfig:
     # device model knows about its user's taste beyond the logged interactions. Each epoch draws new
     # ones, so an epoch costs (rows + candidates) / rows of a plain one. 0 = the logged samples only.
     kd_extra: int = 0
+    # How the device models share the distillation term: each row weighs rows_of_its_device^(-kd_balance)
+    # (normalised to mean 1). 0: every row alike (the paper's Σ_n Σ_(x,y)∈D_n, dominated by active
+    # devices); 1: every device model alike, however much data it holds ("model over models").
+    kd_balance: float = 0.0
     batch_size: int = 512
 
     def __post_init__(self):
@@ -34,6 +38,8 @@ class MoMoDistillConfig:
             raise ValueError(f"momodistill.lam = {self.lam}: must be >= 0")
         if self.kd_extra < 0:
             raise ValueError(f"momodistill.kd_extra = {self.kd_extra}: must be >= 0")
+        if not 0 <= self.kd_balance <= 1:
+            raise ValueError(f"momodistill.kd_balance = {self.kd_balance}: must be in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +85,17 @@ def step1(model, data: Batch, phi_table: torch.Tensor, cfg: MoMoDistillConfig, n
             epoch_data = concat([data, mine])
             soft = torch.sigmoid(torch.cat([teacher, extra_teacher[block]]))
             hard = torch.cat([torch.ones(n), torch.zeros(size(mine))])
-        history.append(train_epoch(model, opt, epoch_data, cfg.batch_size, gen, soft=soft, lam=cfg.lam, hard_mask=hard))
+        weight = device_balance(epoch_data["owner"], cfg.kd_balance) if cfg.kd_balance > 0 else None
+        history.append(train_epoch(model, opt, epoch_data, cfg.batch_size, gen, soft=soft, lam=cfg.lam, hard_mask=hard,
+                                   soft_weight=weight))
     return history, teacher
+
+
+def device_balance(owner: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(N,) row weights rows_of_owner^(-alpha), mean 1: alpha = 1 gives every device the same total."""
+    counts = torch.bincount(owner).to(torch.float32)
+    w = counts[owner].pow(-alpha)
+    return w * (len(w) / w.sum())
 
 
 def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,

@@ -111,10 +111,12 @@ def fit_cloud(
 
 
 def train_epoch(model, opt, data: Batch, batch_size: int, gen: torch.Generator, soft: torch.Tensor | None = None,
-                lam: float = 0.0, hard_mask: torch.Tensor | None = None) -> float:
+                lam: float = 0.0, hard_mask: torch.Tensor | None = None,
+                soft_weight: torch.Tensor | None = None) -> float:
     """One epoch of the unpatched model over `data` in shuffled minibatches: CE on the labels
     (+ λ·CE on the probabilities `soft`, MoMoDistill step 1's distillation). `hard_mask` (N,) marks the
     rows that carry a real label; the others (unlabelled candidates) learn from `soft` only.
+    `soft_weight` (N,), optional: each row's weight in the distillation term (mean 1 over `data`).
     Returns the mean loss."""
     total, count = 0.0, 0
     for idx in minibatches(size(data), batch_size, gen):
@@ -126,7 +128,11 @@ def train_epoch(model, opt, data: Batch, batch_size: int, gen: torch.Generator, 
             w = hard_mask[idx]
             loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / w.sum().clamp(min=1.0)
         if soft is not None and lam > 0:
-            loss = loss + lam * bce(out, soft[idx])
+            if soft_weight is None:
+                loss = loss + lam * bce(out, soft[idx])
+            else:
+                kd = F.binary_cross_entropy_with_logits(out, soft[idx], reduction="none")
+                loss = loss + lam * (kd * soft_weight[idx]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -239,3 +239,29 @@ def test_step1_candidates_are_the_positives_rows_with_fresh_items_per_epoch():
     assert len(h) == 2 and all(np.isfinite(h))
     with pytest.raises(ValueError, match="kd_extra"):
         MoMoDistillConfig(kd_extra=-1)
+
+
+def test_kd_balance_gives_every_device_model_the_same_weight():
+    """kd_balance 1: each device's rows share one device's worth of the distillation term, however many
+    rows it holds; 0 (the default) leaves step 1 as it was (every row alike)."""
+    from cloud_trainer.momodistill import device_balance
+
+    owner = torch.tensor([0] * 6 + [1] * 3 + [2])
+    w = device_balance(owner, 1.0)
+    assert torch.isclose(w.mean(), torch.tensor(1.0))
+    per_device = torch.zeros(3).index_add(0, owner, w)
+    assert torch.allclose(per_device, per_device[0].expand(3))
+    half = torch.zeros(3).index_add(0, owner, device_balance(owner, 0.5))
+    assert per_device[0] < half[0] < torch.tensor(6.0) and half[2] < per_device[2]   # between the two extremes
+    assert torch.allclose(device_balance(owner, 0.0), torch.ones(10))
+
+    data = batch(200, n_owners=3, seed=8)
+    phi = torch.randn(3, 6)
+    runs = {}
+    for bal in (0.0, 1.0):
+        m = tiny()
+        runs[bal] = step1(m, data, phi, MoMoDistillConfig(step1_epochs=2, kd_balance=bal, batch_size=32), N_ITEMS)[0]
+        assert all(np.isfinite(runs[bal]))
+    assert runs[0.0] != runs[1.0], "the weights reach the loss"
+    with pytest.raises(ValueError, match="kd_balance = 1.5"):
+        MoMoDistillConfig(kd_balance=1.5)
