@@ -88,6 +88,11 @@ class ExperimentConfig(BaseModel):
     # bundle (`experiment.tune_bundle_steps`): a budget chosen on a model that has not seen the data
     # need not suit one that has.
     bundle_steps: int | None = Field(default=None, ge=0)
+    # On-device steps of the upload session from round 1 on: devices on the MoMoDistill bundle they hold,
+    # on fresh data it has not seen. None: device.steps (chosen on the stale model, which differs: it
+    # never distilled from the devices). Tuning chooses it on round 1's validation slices after DCCL's
+    # round 0 (`experiment.tune_upload_steps`; needs rounds >= 2).
+    upload_steps: int | None = Field(default=None, ge=0)
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
     meta: MetaTrainConfig = field(default_factory=MetaTrainConfig)
     momodistill: MoMoDistillConfig = field(default_factory=MoMoDistillConfig)
@@ -110,6 +115,15 @@ class ExperimentConfig(BaseModel):
         from dataclasses import replace
 
         return self.device if self.bundle_steps is None else replace(self.device, steps=self.bundle_steps)
+
+    def upload_device(self, r: int) -> DeviceTrainConfig:
+        """The device training settings of round r's upload session: `device` on the stale model
+        (round 0), `device` with `upload_steps` on a MoMoDistill bundle (later rounds)."""
+        from dataclasses import replace
+
+        if r == 0 or self.upload_steps is None:
+            return self.device
+        return replace(self.device, steps=self.upload_steps)
 
     def to_dict(self) -> dict:
         out = self.model_dump()

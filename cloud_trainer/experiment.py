@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set device.steps=10 (repeatable; VALUE is JSON)")
     p.add_argument("--no-tune", action="store_true",
-                   help="keep the config's device step budgets (device.steps, bundle_steps), MoMoDistill settings "
+                   help="keep the config's device step budgets (device.steps, bundle_steps, upload_steps), MoMoDistill settings "
                         "and start policy instead of choosing them on the validation slices")
     p.add_argument("--out", default="runs/experiment", help="output folder (results.json, results.md, plots)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -126,7 +126,7 @@ def tune(ctx, cfg) -> dict:
     DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
     val = ctx.rounds[0].val_eval
 
-    def evaluate_val(scorer) -> np.ndarray:
+    def evaluate_val(scorer, val=val) -> np.ndarray:
         return per_user(val, score_eval_set(val, scorer))["gauc"]
 
     out = {}
@@ -153,7 +153,28 @@ def tune(ctx, cfg) -> dict:
         bundle = _replay_round0(ctx, cfg, uploaded, replayed)
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
+        if len(ctx.rounds) > 1:
+            out["upload_device.steps"] = tune_upload_steps(
+                ctx, cfg, lambda scorer: evaluate_val(scorer, ctx.rounds[1].val_eval))
     return out
+
+
+def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
+    """Choose the step budget of the upload session on a MoMoDistill bundle (rounds >= 1: devices on
+    the bundle they hold, training on fresh data it has not seen). Round 0 cannot show that case, so
+    DCCL's round 0 runs with every other choice made, and the budget is chosen on round 1's
+    validation slices (one-SE rule): each device's newest interactions of round 1, which its upload
+    session does not train on (it keeps them for keep-if-worse) and which precede round 1's future
+    window. Round 0 never uses this budget. Written to `cfg.upload_steps`."""
+    from cloud_trainer.strategies import DCCL, start_phi, tune_device_steps
+
+    dccl = DCCL()
+    dccl.setup(ctx)
+    dccl.run_round(ctx, 0, lambda key, scorer: None)
+    start = start_phi(dccl.encoder, ctx, 1, dccl.phi)
+    best, scores = tune_device_steps(ctx, dccl.model, start, cfg.device, cfg.tune_steps, evaluate_val_r1, r=1)
+    cfg.upload_steps = best
+    return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
 def _replay_step1(ctx, m_cfg, uploaded) -> tuple:

@@ -128,7 +128,8 @@ class DCCL(Strategy):
     distilled from the device models) and ships the new bundle; each device starts from
     g(profile, history, φ_n) on it and personalises on its local data again — with the step budget
     chosen for a bundle that has already trained on that data (`cfg.bundle_device()`); the upload
-    session, on data the bundle it holds has not seen, uses `cfg.device`."""
+    session, on data the bundle it holds has not seen, uses `cfg.device` on the stale model (round 0)
+    and `cfg.upload_device(r)` on a MoMoDistill bundle (later rounds)."""
 
     name, keys = "dccl", ("bundle-in", "dccl-upload", "momodistill", "dccl-start", "dccl")
 
@@ -137,7 +138,7 @@ class DCCL(Strategy):
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
 
     def run_round(self, ctx, r, report):
-        rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.device
+        rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
         report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
         uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
@@ -177,11 +178,12 @@ REGISTRY: dict[str, type[Strategy]] = {
 
 
 def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],
-                      evaluate_val) -> tuple[int, dict[int, np.ndarray]]:
-    """Choose the on-device step budget on the validation slices (round 0): train once for the largest
-    budget, snapshot φ at each budget of the grid, score each on the validation positives (per user,
-    `evaluate_val`), keep the fewest steps within noise of the best. Never looks at the future window."""
-    rd = ctx.rounds[0]
+                      evaluate_val, r: int = 0) -> tuple[int, dict[int, np.ndarray]]:
+    """Choose the on-device step budget on the validation slices (of round `r`): train once for the
+    largest budget on the round's fresh windows minus those slices, snapshot φ at each budget of the
+    grid, score each on the validation positives (per user, `evaluate_val`), keep the fewest steps
+    within noise of the best. Never looks at the future window."""
+    rd = ctx.rounds[r]
     grid = sorted(set(steps_grid))
     snaps = {0: phi0.clone()}
     run_cfg = DeviceTrainConfig(**{**cfg.to_dict(), "steps": grid[-1], "keep_if_worse": False})

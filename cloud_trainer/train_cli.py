@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set cloud.pretrain_epochs=5 (repeatable)")
     p.add_argument("--no-tune", action="store_true",
-                   help="keep the config's device step budgets (device.steps, bundle_steps), MoMoDistill settings "
+                   help="keep the config's device step budgets (device.steps, bundle_steps, upload_steps), MoMoDistill settings "
                         "and start policy instead of choosing them on the validation slices (minutes of CPU on "
                         "ML-100K)")
 
@@ -41,9 +41,10 @@ def run(args) -> int:
 
         cfg.strategies = ["dccl"]       # a deployment tunes what it deploys: the device budget, MoMoDistill
         tuning = tune(ctx, cfg)         # writes the choices into cfg (saved below, read by `dccl export`)
-        print(f"tuned on validation slices: device steps {cfg.device.steps} (on a MoMoDistill bundle: "
-              f"{cfg.bundle_device().steps}), MoMoDistill lam "
-              f"{cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra}, starting φ: {cfg.start.warm} "
+        print(f"tuned on validation slices: device steps {cfg.device.steps} (on a new MoMoDistill bundle: "
+              f"{cfg.bundle_device().steps}; uploading from one in later rounds: {cfg.upload_device(1).steps}), "
+              f"MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
+              f"{cfg.momodistill.kd_balance:g}, starting φ: {cfg.start.warm} "
               f"(cold start: {cfg.start.cold})", file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())
     path = save_checkpoint(args.out, ctx.model, ctx.encoder, step=steps, round=0,

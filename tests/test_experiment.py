@@ -115,6 +115,9 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
     bundle = res["tuning"]["bundle_device.steps"]
     assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
+    # The upload session's budget on a MoMoDistill bundle, chosen on round 1's validation slices.
+    upload = res["tuning"]["upload_device.steps"]
+    assert set(upload["val_gauc"]) == {0, 2} and res["config"]["upload_steps"] == upload["chosen"] in (0, 2)
     write_outputs(res, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["synthetic"] is True and "SYNTHETIC" in (tmp_path / "results.md").read_text()
@@ -132,6 +135,27 @@ def test_devices_on_a_new_bundle_train_with_the_bundle_budget(tiny_ds):
     # ... while the upload session trained (3 steps): its models differ from the bundle they hold.
     assert res["dccl-upload"]["rounds"][0]["overall"] != res["bundle-in"]["rounds"][0]["overall"]
     assert tiny_config(tune=False).bundle_device().steps == tiny_config(tune=False).device.steps
+
+
+def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, monkeypatch):
+    """`upload_steps` is the upload session's budget from round 1 on (devices on a MoMoDistill
+    bundle); round 0's upload session, on the stale model, keeps `device.steps`."""
+    import cloud_trainer.strategies as S
+
+    budgets = []
+
+    def recording(model, phi0, train, val, cfg, **kw):
+        budgets.append(cfg.steps)
+        return personalize_all(model, phi0, train, val, cfg, **kw)
+
+    personalize_all = S.personalize_all
+    monkeypatch.setattr(S, "personalize_all", recording)
+    cfg = tiny_config(strategies=["dccl"], tune=False, upload_steps=0, bundle_steps=2, **{"device.steps": 3})
+    run_experiment(cfg, tiny_ds, progress=False)
+    assert budgets == [3, 2, 0, 2]          # round 0: upload, new bundle; round 1: upload, new bundle
+    c = tiny_config(tune=False, upload_steps=5)
+    assert (c.upload_device(0).steps, c.upload_device(1).steps, tiny_config(tune=False).upload_device(1).steps) == \
+        (c.device.steps, 5, c.device.steps)
 
 
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
@@ -162,6 +186,7 @@ def test_same_seed_same_results(tiny_ds):
     (["--rounds", "0"], "rounds = 0"),
     (["--set", "device.lr=-1"], "device.lr"),
     (["--set", "bundle_steps=-2"], "bundle_steps = -2"),
+    (["--set", "upload_steps=-1"], "upload_steps = -1"),
     (["--set", 'tune_momodistill=[{"kd_extra":1}]'], "candidate 0 ({\"kd_extra\": 1.0}) has no lam"),
     (["--set", 'tune_momodistill=[{"lam":1,"kd_extra":1,"kd_balance":2}]'], "kd_balance = 2.0: must be in [0, 1]"),
     (["--set", "momodistill.kd_balance=-0.5"], "kd_balance = -0.5"),

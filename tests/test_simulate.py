@@ -107,9 +107,10 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     from cloud_trainer.experiment import run_experiment
     from cloud_trainer.simulate.loop import SimOptions, Simulation
 
-    # Devices on a new MoMoDistill bundle get their own step budget (bundle_steps): the fleet must
-    # train with it because the bundle's manifest carries it.
-    extra = {"bundle_steps": 7}
+    # Devices on a new MoMoDistill bundle get their own step budget (bundle_steps), and so does the
+    # upload session from round 1 on (upload_steps): the fleet must train with them because each
+    # bundle's manifest carries its budget.
+    extra = {"bundle_steps": 7, "upload_steps": 5}
     cfg, ds = _tiny(**extra)
     ref = run_experiment(cfg, ds, progress=False)["strategies"]
     ref_phi = _reference_phis(_tiny(**extra)[0], ds)
@@ -118,11 +119,11 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     manifests = {p.parent.name.split("-")[0]: json.loads(p.read_text())
                  for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
     steps = {k: m["optimizer"]["steps"] for k, m in manifests.items()}
-    assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 20, "r1.1": 7}, steps
+    assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 5, "r1.1": 7}, steps
     # ... and says how the cloud built the devices' samples (a board's agent builds its own alike).
     assert all(m["local_data"] == {"neg": cfg.data.neg, "val_frac": cfg.data.val_frac} for m in manifests.values())
     assert [(b["round"], b["session"], b["device_steps"]) for b in res["bundles"]] == \
-        [(0, 0, 20), (0, 1, 7), (1, 0, 20), (1, 1, 7)]
+        [(0, 0, 20), (0, 1, 7), (1, 0, 5), (1, 1, 7)]
 
     dphi = [np.abs(sim.phi_rounds[r] - ref_phi[r]).max(1) for r in range(cfg.rounds)]
     assert dphi[0].max() <= 1e-4, dphi[0].max()

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set device.steps=10 (repeatable; VALUE is JSON)")
     p.add_argument("--no-tune", action="store_true",
-                   help="keep the config's device step budgets (device.steps, bundle_steps), MoMoDistill settings "
+                   help="keep the config's device step budgets (device.steps, bundle_steps, upload_steps), MoMoDistill settings "
                         "and start policy instead of choosing them on the validation slices")
     p.add_argument("--quiet", action="store_true", help="no progress bars or live view")
 
