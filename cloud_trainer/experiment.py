@@ -153,7 +153,7 @@ def tune(ctx, cfg) -> dict:
         bundle = _replay_round0(ctx, cfg, uploaded, replayed)
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
-        if len(ctx.rounds) > 1:
+        if cfg.tune_upload_steps and len(ctx.rounds) > 1:
             out["upload_device.steps"] = tune_upload_steps(
                 ctx, cfg, lambda scorer: evaluate_val(scorer, ctx.rounds[1].val_eval))
     return out

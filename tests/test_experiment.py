@@ -78,7 +78,7 @@ def tiny_config(**kw):
 
 
 def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config(tune_upload_steps=True)
     res = run_experiment(cfg, tiny_ds, progress=False)
     keys = {"stale", "model-over-data", "full-patch", "metapatch", "bundle-in", "dccl-upload", "momodistill",
             "dccl-start", "dccl", "fedavg-patches"}
@@ -115,7 +115,8 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
     bundle = res["tuning"]["bundle_device.steps"]
     assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
-    # The upload session's budget on a MoMoDistill bundle, chosen on round 1's validation slices.
+    # The upload session's budget on a MoMoDistill bundle, chosen on round 1's validation slices
+    # (tune_upload_steps; off by default, and then not chosen: test_the_upload_session_...).
     upload = res["tuning"]["upload_device.steps"]
     assert set(upload["val_gauc"]) == {0, 2} and res["config"]["upload_steps"] == upload["chosen"] in (0, 2)
     write_outputs(res, tmp_path)
@@ -153,6 +154,9 @@ def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, 
     cfg = tiny_config(strategies=["dccl"], tune=False, upload_steps=0, bundle_steps=2, **{"device.steps": 3})
     run_experiment(cfg, tiny_ds, progress=False)
     assert budgets == [3, 2, 0, 2]          # round 0: upload, new bundle; round 1: upload, new bundle
+    # Tuning leaves it alone unless asked (tune_upload_steps).
+    res = run_experiment(tiny_config(strategies=["dccl"], tune_steps=[0, 1]), tiny_ds, progress=False)
+    assert "upload_device.steps" not in res["tuning"] and res["config"]["upload_steps"] is None
     c = tiny_config(tune=False, upload_steps=5)
     assert (c.upload_device(0).steps, c.upload_device(1).steps, tiny_config(tune=False).upload_device(1).steps) == \
         (c.device.steps, 5, c.device.steps)
