@@ -1,6 +1,6 @@
 """Where does MoMoDistill's step-1 gain come from: the device models, or distillation itself? (round 0)
 
-    .venv/bin/python bench/probe_teachers.py [--dataset ml-100k] [--data PATH] [--seeds 2]
+    .venv/bin/python bench/probe_teachers.py [--dataset ml-100k] [--data PATH] [--seeds 2] [--kd-balance 0 1]
 
 Builds seed 0's starting point exactly as `dccl experiment` does, lets every device personalise φ on
 its fresh window minus its validation slice (as the tuning does), then replays MoMoDistill step 1 on a
@@ -13,7 +13,8 @@ validation gAUC (overall / tail / head quintile), mean over `--seeds` step-1 see
   bundle (φ = 0)        the bundle's own cloud model: self-distillation, no device knowledge at all
 
 If "bundle (φ = 0)" scores like "device models", the gain is distillation itself (the old model's
-knowledge and, with candidates, extra items it labels), not what devices learned.
+knowledge and, with candidates, extra items it labels), not what devices learned. ``--kd-balance``
+repeats every distilling row with each device-balance weighting (MoMoDistillConfig.kd_balance).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--kd-extra", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--kd-balance", type=float, nargs="+", default=[0.0])
     a = p.parse_args()
     cfg = build_config({"dataset": a.dataset, "data_path": a.data, "rounds": 2})
     ds = load_data(cfg)
@@ -55,11 +57,12 @@ def main() -> None:
         s = summarize(rd.val_eval, score_eval_set(rd.val_eval, cloud_scorer(model, ds.profile)))
         return np.array([s["overall"]["gauc"], s["groups"]["0"]["gauc"], s["groups"]["4"]["gauc"]])
 
-    def replay(phi, lam: float, kd: int) -> str:
+    def replay(phi, lam: float, kd: int, balance: float = 0.0) -> str:
         runs = []
         for s in range(a.seeds):
             model = copy.deepcopy(ctx.model)
-            step1(model, rd.fresh_train, phi, replace(cfg.momodistill, lam=lam, kd_extra=kd), ds.n_items, seed=s)
+            step1(model, rd.fresh_train, phi, replace(cfg.momodistill, lam=lam, kd_extra=kd, kd_balance=balance),
+                  ds.n_items, seed=s)
             runs.append(val(model))
         m = np.mean(runs, axis=0)
         return f"{m[0]:.4f} ({m[1]:.4f} / {m[2]:.4f})"
@@ -69,8 +72,10 @@ def main() -> None:
           f"{'{:.4f} ({:.4f} / {:.4f})'.format(*val(ctx.model))}")
     print(f"  {'no distillation (λ = 0)':28s} {replay(uploaded, 0.0, 0)}", flush=True)
     for kd in a.kd_extra:
-        for name, phi in teachers.items():
-            print(f"  {name + f', kd_extra {kd}':28s} {replay(phi, 1.0, kd)}", flush=True)
+        for b in a.kd_balance:
+            for name, phi in teachers.items():
+                label = name + f", kd_extra {kd}" + (f", kd_balance {b:g}" if b else "")
+                print(f"  {label:42s} {replay(phi, 1.0, kd, b)}", flush=True)
 
 
 if __name__ == "__main__":

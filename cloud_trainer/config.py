@@ -70,15 +70,16 @@ class ExperimentConfig(BaseModel):
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
     # 2 ~1.65x (`python bench/bench_momodistill.py`).
-    # kd_balance 1 gives every device model the same weight in the distillation term (the paper's sum
-    # over rows lets the most active devices dominate); listed after the row-weighted setting of the
-    # same cost, so it is chosen only when clearly better.
     # λ = 0 (listed last: chosen only when clearly better) lets validation switch distillation off
     # where the device models are worse teachers than the labels (Amazon Beauty: bench/probe_teachers.py).
+    # A candidate may also set kd_balance (every device model weighing the same in the distillation
+    # term). Not in the default grid: on ML-100K validation preferred kd_balance 1 (+0.0014 gAUC, far
+    # beyond noise), yet on round 2's future window MoMoDistill then fell below model-over-data
+    # (-0.0013 [-0.0024, -0.0002], against +0.0015 without it): a round-0 replay cannot see what
+    # distilling with it round after round does (README, session 6).
     tune_momodistill: list[dict[Literal["lam", "kd_extra", "kd_balance"], float]] = Field(default_factory=lambda: [
-        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 0, "kd_balance": 1.0},
-        {"lam": 1.0, "kd_extra": 1}, {"lam": 1.0, "kd_extra": 1, "kd_balance": 1.0},
-        {"lam": 3.0, "kd_extra": 1}, {"lam": 0.0, "kd_extra": 0}])
+        {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1},
+        {"lam": 0.0, "kd_extra": 0}])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
@@ -93,9 +94,9 @@ class ExperimentConfig(BaseModel):
     # never distilled from the devices). With tune_upload_steps, tuning chooses it on round 1's
     # validation slices after DCCL's round 0 (`experiment.tune_upload_steps`; needs rounds >= 2). Off by
     # default: the uploaded models are also step 1's teachers, and MoMoDistill's settings are chosen
-    # with teachers trained device.steps; on ML-100K validation chose 20 upload steps, the uploads
-    # gained (+0.0013 gAUC over the bundle they hold) and MoMoDistill lost its edge over
-    # model-over-data (-0.0009) — README.
+    # with teachers trained device.steps. Measured once, on ML-100K together with kd_balance 1
+    # (README, session 6): validation chose 20 upload steps and the uploads beat the bundle they hold
+    # by +0.0013 gAUC; its effect on MoMoDistill was not measured apart from kd_balance's.
     upload_steps: int | None = Field(default=None, ge=0)
     tune_upload_steps: bool = False
     full_patch_device: DeviceTrainConfig = field(default_factory=lambda: DeviceTrainConfig(lr=0.01))
