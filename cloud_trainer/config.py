@@ -113,7 +113,7 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(f"candidate {i} ({json.dumps(cand)}) has no {', '.join(missing)}")
             if cand["kd_extra"] != int(cand["kd_extra"]):
                 raise ValueError(f"candidate {i}: kd_extra = {cand['kd_extra']:g} must be an integer")
-            MoMoDistillConfig(lam=cand["lam"], kd_extra=int(cand["kd_extra"]), kd_balance=cand.get("kd_balance", 0.0))
+            MoMoDistillConfig(**momodistill_setting(cand))
         return grid
 
     def bundle_device(self) -> DeviceTrainConfig:
@@ -137,6 +137,12 @@ class ExperimentConfig(BaseModel):
             if hasattr(v, "__dataclass_fields__"):
                 out[k] = asdict(v)
         return out
+
+
+def momodistill_setting(cand: dict) -> dict:
+    """One candidate of `tune_momodistill` as MoMoDistillConfig fields (kd_balance absent = 0)."""
+    return {"lam": float(cand["lam"]), "kd_extra": int(cand["kd_extra"]),
+            "kd_balance": float(cand.get("kd_balance", 0.0))}
 
 
 def format_validation_error(exc: pydantic.ValidationError, data: dict) -> str:

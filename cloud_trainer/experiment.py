@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cloud_trainer.config import DATASETS, STRATEGIES, build_config
+from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
 from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, start_phi, tune_device_steps
@@ -260,20 +260,14 @@ def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
     scores, replays = {}, {}
     for cand in cfg.tune_momodistill:
         key = json.dumps(cand, sort_keys=True)
-        m_cfg = replace(cfg.momodistill, **_momodistill_setting(cand))
+        m_cfg = replace(cfg.momodistill, **momodistill_setting(cand))
         replays[key] = _replay_step1(ctx, m_cfg, phi)
         scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
     key = choose_within_noise(scores)  # near-ties keep the setting listed first
     best = json.loads(key)
-    for name, value in _momodistill_setting(best).items():
+    for name, value in momodistill_setting(best).items():
         setattr(cfg.momodistill, name, value)
     return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
-
-
-def _momodistill_setting(cand: dict) -> dict:
-    """One candidate of `tune_momodistill` as MoMoDistillConfig fields (kd_balance absent = 0)."""
-    return {"lam": float(cand["lam"]), "kd_extra": int(cand["kd_extra"]),
-            "kd_balance": float(cand.get("kd_balance", 0.0))}
 
 
 def _mean_std(values: list[float]) -> dict:

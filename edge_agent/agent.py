@@ -352,12 +352,12 @@ class BundleModel:
             raise DcclError(f"bundle {bundle_dir}: no {MANIFEST}")
         self.bundle = T.Bundle(bundle_dir, verify=True)
         b = self.bundle
+        local = b.manifest.get("local_data") or {}
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)},
                                bool(b.manifest["optimizer"].get("require_val", False)),
-                               int(b.manifest["optimizer"]["steps"]),
-                               *((local["neg"], local["val_frac"]) if (local := b.manifest.get("local_data"))
-                                 else (None, None)))
+                               int(b.manifest["optimizer"]["steps"]), neg=local.get("neg"),
+                               val_frac=local.get("val_frac"))
         self._scorer = None
         self._encoder = None
         self._trainer = None
