@@ -80,6 +80,11 @@ class ExperimentConfig(BaseModel):
     tune_momodistill: list[dict[Literal["lam", "kd_extra", "kd_balance"], float]] = Field(default_factory=lambda: [
         {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 3.0, "kd_extra": 1},
         {"lam": 0.0, "kd_extra": 0}])
+    # Choose MoMoDistill's setting (from tune_momodistill) anew in every round r >= 1, on that round's
+    # validation slices, each seed on its own (`strategies.choose_momodistill`); round 0 keeps the choice
+    # tuning made. A round-0 replay judges one round of distillation from the stale model; later rounds
+    # distil into a model that has distilled before.
+    momodistill_each_round: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)

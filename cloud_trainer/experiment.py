@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
-from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, start_phi, tune_device_steps
+from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, choose_momodistill, start_phi, tune_device_steps
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -110,6 +110,8 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
                     users[key][seed][_r] = per_user(_ev, scores)
 
                 strategy.run_round(ctx, r, report)
+            if getattr(strategy, "choices", None):
+                tuning.setdefault("momodistill_each_round", {})[str(seed)] = {str(r): c for r, c in strategy.choices.items()}
             t_seed[name] = time.perf_counter() - t0
             bar.update(1)
         timings.append(t_seed)
@@ -149,7 +151,7 @@ def tune(ctx, cfg) -> dict:
         uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
         replayed = None
         if cfg.tune_momodistill:
-            out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded, evaluate_val)
+            out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded)
         bundle = _replay_round0(ctx, cfg, uploaded, replayed)
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
@@ -177,18 +179,6 @@ def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
     return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
-def _replay_step1(ctx, m_cfg, uploaded) -> tuple:
-    """Round 0's MoMoDistill step 1 on a copy of the cloud model, on the fresh windows minus the
-    validation slices: (the model, the device models' logits on the logged rows)."""
-    import copy
-
-    from cloud_trainer.momodistill import step1
-
-    model = copy.deepcopy(ctx.model)
-    _, teacher = step1(model, ctx.rounds[0].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=ctx.seed)
-    return model, teacher
-
-
 def _replay_round0(ctx, cfg, uploaded, replayed: tuple | None = None) -> tuple:
     """Round 0 of DCCL replayed without the validation slices: MoMoDistill step 1 (as MoMoDistill's
     tuning already ran it for the chosen settings, `replayed`, else now) and step 2 on the fresh
@@ -199,7 +189,9 @@ def _replay_round0(ctx, cfg, uploaded, replayed: tuple | None = None) -> tuple:
     from cloud_trainer.momodistill import step2
 
     rd, m = ctx.rounds[0], cfg.momodistill
-    model, teacher = replayed if replayed is not None else _replay_step1(ctx, m, uploaded)
+    if replayed is None:
+        replayed = choose_momodistill(ctx, ctx.model, 0, uploaded, [_current_setting(m)], seed=ctx.seed)["replay"]
+    model, teacher = replayed
     encoder = copy.deepcopy(ctx.encoder)
     step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
     return model, encoder
@@ -249,25 +241,20 @@ def tune_bundle_steps(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
     return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
-def tune_momodistill(ctx, cfg, phi, evaluate_val) -> tuple[dict, tuple]:
-    """Choose MoMoDistill's λ, kd_extra and kd_balance on round 0's validation slices: the device models of round 0
-    teach a copy of the cloud model on the fresh windows *without* their validation slices, and the
-    cloud model is scored on those held-out slices. Returns the choice and the chosen replay."""
-    from dataclasses import replace
+def _current_setting(m) -> dict:
+    return {"lam": m.lam, "kd_extra": m.kd_extra, "kd_balance": m.kd_balance}
 
-    from cloud_trainer.strategies import cloud_scorer
 
-    scores, replays = {}, {}
-    for cand in cfg.tune_momodistill:
-        key = json.dumps(cand, sort_keys=True)
-        m_cfg = replace(cfg.momodistill, **momodistill_setting(cand))
-        replays[key] = _replay_step1(ctx, m_cfg, phi)
-        scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
-    key = choose_within_noise(scores)  # near-ties keep the setting listed first
-    best = json.loads(key)
-    for name, value in momodistill_setting(best).items():
+def tune_momodistill(ctx, cfg, phi) -> tuple[dict, tuple]:
+    """Choose MoMoDistill's λ, kd_extra and kd_balance on round 0's validation slices
+    (`strategies.choose_momodistill`: the device models of round 0 teach a copy of the cloud model on
+    the fresh windows *without* their validation slices, scored on those slices); written into
+    cfg.momodistill. Returns the choice and the chosen replay. With `momodistill_each_round`, DCCL
+    chooses anew in every later round, on that round's slices."""
+    choice = choose_momodistill(ctx, ctx.model, 0, phi, cfg.tune_momodistill, seed=ctx.seed)
+    for name, value in momodistill_setting(choice["chosen"]).items():
         setattr(cfg.momodistill, name, value)
-    return {"chosen": best, "val_gauc": mean_scores(scores)}, replays[key]
+    return {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}, choice["replay"]
 
 
 def _mean_std(values: list[float]) -> dict:

@@ -27,7 +27,7 @@ import torch
 
 from cloud_trainer.checkpoint import build_model
 from cloud_trainer.context import SeedContext
-from cloud_trainer.evaluate import choose_within_noise
+from cloud_trainer.evaluate import choose_within_noise, mean_scores, per_user, score_eval_set
 from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.momodistill import step1, step2
 from cloud_trainer.patch_generator import encode_phi
@@ -136,12 +136,18 @@ class DCCL(Strategy):
     def setup(self, ctx):
         super().setup(ctx)
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
+        self.choices: dict[int, dict] = {}  # round -> MoMoDistill setting chosen in it (momodistill_each_round)
 
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
         report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
         uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
+        if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
+            # MoMoDistill's setting chosen anew for this round, on its validation slices.
+            choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r)
+            m = choice["config"]
+            self.choices[r] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
         _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r)
@@ -175,6 +181,40 @@ class FedAvgPatches(Strategy):
 REGISTRY: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (StaleCloud, ModelOverData, FullPatch, MetaPatch, DCCL, FedAvgPatches)
 }
+
+
+def validation_gauc(ctx: SeedContext, r: int):
+    """Per-user gAUC on round r's validation slices of a scorer (for choices made on validation only)."""
+    val = ctx.rounds[r].val_eval
+    return lambda scorer: per_user(val, score_eval_set(val, scorer))["gauc"]
+
+
+def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, grid: list[dict],
+                       seed: int) -> dict:
+    """Choose MoMoDistill's step-1 setting (λ, kd_extra, kd_balance) for round r on its validation
+    slices: the device models `uploaded` (trained on the fresh windows minus those slices) teach a copy
+    of `model` on the same rows, and each copy is scored on the held-out slices; near-ties keep the
+    candidate listed first (one-SE rule). The cloud holds these rows itself (the pooled fresh data),
+    so a deployment can make this choice every round. Returns {"chosen", "config", "scores",
+    "replay": (model copy, teacher logits) of the chosen candidate}."""
+    import copy
+    import json
+    from dataclasses import replace
+
+    from cloud_trainer.config import momodistill_setting
+
+    evaluate_val = validation_gauc(ctx, r)
+    scores, replays = {}, {}
+    for cand in grid:
+        key = json.dumps(cand, sort_keys=True)
+        m_cfg = replace(ctx.cfg.momodistill, **momodistill_setting(cand))
+        copy_ = copy.deepcopy(model)
+        _, teacher = step1(copy_, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed)
+        replays[key] = (copy_, teacher, m_cfg)
+        scores[key] = evaluate_val(cloud_scorer(copy_, ctx.ds.profile))
+    key = choose_within_noise(scores)
+    copy_, teacher, m_cfg = replays[key]
+    return {"chosen": json.loads(key), "config": m_cfg, "scores": scores, "replay": (copy_, teacher)}
 
 
 def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],

@@ -162,6 +162,41 @@ def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, 
         (c.device.steps, 5, c.device.steps)
 
 
+def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds, monkeypatch):
+    """With `momodistill_each_round`, DCCL's round r >= 1 chooses MoMoDistill's setting on round r's
+    validation slices (step 1 replayed on the fresh windows minus those slices, taught by the uploads)
+    and its step 1 then runs with that setting; round 0 keeps tuning's choice."""
+    import cloud_trainer.strategies as S
+    from cloud_trainer.context import build_context
+
+    grid = [{"lam": 0.0, "kd_extra": 0}, {"lam": 4.0, "kd_extra": 1, "kd_balance": 1.0}]
+    runs = []
+
+    def recording(model, data, phi, m, n_items, seed):
+        runs.append((len(data["label"]), m.lam, m.kd_extra, m.kd_balance))
+        return step1(model, data, phi, m, n_items, seed=seed)
+
+    step1 = S.step1
+    monkeypatch.setattr(S, "step1", recording)
+    cfg = tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_each_round=True)
+    res = run_experiment(cfg, tiny_ds, progress=False)
+    ctx = build_context(tiny_ds, cfg, 0)
+    fresh_train, fresh = (len(ctx.rounds[1].fresh_train["label"]), len(ctx.rounds[1].fresh["label"]))
+    chosen = res["tuning"]["momodistill_each_round"]["0"]["1"]
+    assert set(chosen["val_gauc"]) == {json.dumps(c, sort_keys=True) for c in cfg.tune_momodistill}
+    # Round 1: both candidates replayed on the fresh windows minus the validation slices, then the
+    # real step 1 on the whole fresh windows with the chosen one.
+    setting = (chosen["chosen"]["lam"], chosen["chosen"]["kd_extra"], chosen["chosen"].get("kd_balance", 0.0))
+    # Round 0: tuning's two replays, then DCCL's step 1; round 1: the two replays, then step 1.
+    assert len(runs) == 6 and runs[-3:] == [(fresh_train, 0.0, 0, 0.0), (fresh_train, 4.0, 1, 1.0), (fresh, *setting)]
+    best = max(chosen["val_gauc"], key=chosen["val_gauc"].get)
+    assert list(chosen["val_gauc"]).index(json.dumps(chosen["chosen"], sort_keys=True)) <= list(chosen["val_gauc"]).index(best)
+    # Off (the default): no choice after round 0.
+    runs.clear()
+    res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid), tiny_ds, progress=False)
+    assert "momodistill_each_round" not in res["tuning"] and len(runs) == 4
+
+
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
     """λ = 0 and no unlabelled candidates: step 1 is exactly the model-over-data update."""
     cfg = tiny_config(strategies=["model-over-data", "dccl"], tune=False, **{"momodistill.lam": 0.0})

@@ -212,6 +212,8 @@ class Simulation:
             strategy.setup(self.ctx)
             for r in range(cfg.rounds):
                 self._round(strategy, r)
+            if strategy.choices:  # momodistill_each_round
+                self.tuning["momodistill_each_round"] = {str(r): c for r, c in strategy.choices.items()}
             self.counts_final()
         finally:
             self.close()
