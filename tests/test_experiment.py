@@ -191,9 +191,10 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
     assert len(runs) == 6 and runs[-3:] == [(fresh_train, 0.0, 0, 0.0), (fresh_train, 4.0, 1, 1.0), (fresh, *setting)]
     best = max(chosen["val_gauc"], key=chosen["val_gauc"].get)
     assert list(chosen["val_gauc"]).index(json.dumps(chosen["chosen"], sort_keys=True)) <= list(chosen["val_gauc"]).index(best)
-    # Off (the default): no choice after round 0.
+    # Off: no choice after round 0.
     runs.clear()
-    res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid), tiny_ds, progress=False)
+    res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_each_round=False),
+                         tiny_ds, progress=False)
     assert "momodistill_each_round" not in res["tuning"] and len(runs) == 4
 
 
