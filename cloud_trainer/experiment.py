@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
-from cloud_trainer.strategies import KIND, REGISTRY, FullPatch, choose_momodistill, start_phi, tune_device_steps
+from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, choose_momodistill, replay_step1, start_phi,
+                                      tune_device_steps, validation_gauc)
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -126,11 +127,7 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
 def tune(ctx, cfg) -> dict:
     """Choose, on round 0's validation slices (seed 0), each device strategy's step budget and, for
     DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
-    val = ctx.rounds[0].val_eval
-
-    def evaluate_val(scorer, val=val) -> np.ndarray:
-        return per_user(val, score_eval_set(val, scorer))["gauc"]
-
+    evaluate_val = validation_gauc(ctx, 0)
     out = {}
     phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
@@ -157,7 +154,7 @@ def tune(ctx, cfg) -> dict:
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
         if cfg.tune_upload_steps and len(ctx.rounds) > 1:
             out["upload_device.steps"] = tune_upload_steps(
-                ctx, cfg, lambda scorer: evaluate_val(scorer, ctx.rounds[1].val_eval))
+                ctx, cfg, validation_gauc(ctx, 1))
     return out
 
 
@@ -189,9 +186,7 @@ def _replay_round0(ctx, cfg, uploaded, replayed: tuple | None = None) -> tuple:
     from cloud_trainer.momodistill import step2
 
     rd, m = ctx.rounds[0], cfg.momodistill
-    if replayed is None:
-        replayed = choose_momodistill(ctx, ctx.model, 0, uploaded, [_current_setting(m)], seed=ctx.seed)["replay"]
-    model, teacher = replayed
+    model, teacher = replayed if replayed is not None else replay_step1(ctx, ctx.model, 0, uploaded, m, seed=ctx.seed)
     encoder = copy.deepcopy(ctx.encoder)
     step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
     return model, encoder
@@ -239,10 +234,6 @@ def tune_bundle_steps(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
     best, scores = tune_device_steps(ctx, model, start, cfg.bundle_device(), cfg.tune_steps, evaluate_val)
     cfg.bundle_steps = best
     return {"chosen": best, "val_gauc": mean_scores(scores)}
-
-
-def _current_setting(m) -> dict:
-    return {"lam": m.lam, "kd_extra": m.kd_extra, "kd_balance": m.kd_balance}
 
 
 def tune_momodistill(ctx, cfg, phi) -> tuple[dict, tuple]:

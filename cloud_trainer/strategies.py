@@ -20,12 +20,16 @@ future window. Keys are the rows of the results table:
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from cloud_trainer.checkpoint import build_model
+from cloud_trainer.config import momodistill_setting
 from cloud_trainer.context import SeedContext
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, per_user, score_eval_set
 from cloud_trainer.models.metapatch import MetaPatchConfig
@@ -189,29 +193,29 @@ def validation_gauc(ctx: SeedContext, r: int):
     return lambda scorer: per_user(val, score_eval_set(val, scorer))["gauc"]
 
 
+def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg, seed: int) -> tuple:
+    """MoMoDistill step 1 of round r on a copy of `model`, on the fresh windows minus the validation
+    slices, taught by `uploaded`: (the copy, the device models' logits on the logged rows)."""
+    model = copy.deepcopy(model)
+    _, teacher = step1(model, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed)
+    return model, teacher
+
+
 def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, grid: list[dict],
                        seed: int) -> dict:
     """Choose MoMoDistill's step-1 setting (λ, kd_extra, kd_balance) for round r on its validation
     slices: the device models `uploaded` (trained on the fresh windows minus those slices) teach a copy
-    of `model` on the same rows, and each copy is scored on the held-out slices; near-ties keep the
-    candidate listed first (one-SE rule). The cloud holds these rows itself (the pooled fresh data),
-    so a deployment can make this choice every round. Returns {"chosen", "config", "scores",
-    "replay": (model copy, teacher logits) of the chosen candidate}."""
-    import copy
-    import json
-    from dataclasses import replace
-
-    from cloud_trainer.config import momodistill_setting
-
+    of `model` on the same rows (`replay_step1`), and each copy is scored on the held-out slices;
+    near-ties keep the candidate listed first (one-SE rule). The cloud holds these rows itself (the
+    pooled fresh data), so a deployment can make this choice every round. Returns {"chosen", "config",
+    "scores", "replay": (model copy, teacher logits) of the chosen candidate}."""
     evaluate_val = validation_gauc(ctx, r)
     scores, replays = {}, {}
     for cand in grid:
         key = json.dumps(cand, sort_keys=True)
         m_cfg = replace(ctx.cfg.momodistill, **momodistill_setting(cand))
-        copy_ = copy.deepcopy(model)
-        _, teacher = step1(copy_, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed)
-        replays[key] = (copy_, teacher, m_cfg)
-        scores[key] = evaluate_val(cloud_scorer(copy_, ctx.ds.profile))
+        replays[key] = (*replay_step1(ctx, model, r, uploaded, m_cfg, seed), m_cfg)
+        scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
     key = choose_within_noise(scores)
     copy_, teacher, m_cfg = replays[key]
     return {"chosen": json.loads(key), "config": m_cfg, "scores": scores, "replay": (copy_, teacher)}
