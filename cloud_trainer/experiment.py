@@ -112,7 +112,7 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
 
                 strategy.run_round(ctx, r, report)
             if getattr(strategy, "choices", None):
-                tuning.setdefault("momodistill_each_round", {})[str(seed)] = {str(r): c for r, c in strategy.choices.items()}
+                tuning.setdefault("momodistill_each_round", {})[str(seed)] = strategy.choices
             t_seed[name] = time.perf_counter() - t0
             bar.update(1)
         timings.append(t_seed)

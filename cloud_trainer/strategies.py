@@ -140,7 +140,8 @@ class DCCL(Strategy):
     def setup(self, ctx):
         super().setup(ctx)
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
-        self.choices: dict[int, dict] = {}  # round -> MoMoDistill setting chosen in it (momodistill_each_round)
+        # str(round) -> the MoMoDistill setting chosen in it (momodistill_each_round), as results.json keeps it
+        self.choices: dict[str, dict] = {}
 
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
@@ -151,7 +152,7 @@ class DCCL(Strategy):
             # MoMoDistill's setting chosen anew for this round, on its validation slices.
             choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r)
             m = choice["config"]
-            self.choices[r] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
+            self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
         _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r)

@@ -213,7 +213,7 @@ class Simulation:
             for r in range(cfg.rounds):
                 self._round(strategy, r)
             if strategy.choices:  # momodistill_each_round
-                self.tuning["momodistill_each_round"] = {str(r): c for r, c in strategy.choices.items()}
+                self.tuning["momodistill_each_round"] = strategy.choices
             self.counts_final()
         finally:
             self.close()
