@@ -17,7 +17,7 @@ from cloud_trainer.data.dataset import RecDataset
 from cloud_trainer.models.din import DINConfig
 from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
 from cloud_trainer.patch_generator import meta_train
-from cloud_trainer.train import Batch, fit_cloud, make_batch
+from cloud_trainer.train import Batch, fit_cloud, make_batch, reproducible
 
 
 def sequence_at(ds: RecDataset, end: np.ndarray, L: int) -> torch.Tensor:
@@ -68,6 +68,7 @@ class SeedContext:
 
 
 def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=None) -> SeedContext:
+    reproducible()      # the same command trains the same models (train.reproducible)
     torch.manual_seed(seed)
     d = cfg.data
     t0 = time.perf_counter()

@@ -306,3 +306,26 @@ def test_choose_within_noise_keeps_the_first_option_unless_another_is_clearly_be
     assert choose_within_noise({0: base, 3: better}) == 3
     # Among several, the first within noise of the best: not the best itself.
     assert choose_within_noise({0: base, 2: base + 0.02, 3: base + 0.0201 + noise}) == 2
+
+
+def test_training_repeats_bit_for_bit():
+    """Two builds of the same seed's context train identical models (cloud W_f, meta-trained Θ, encoder):
+    without deterministic algorithms the multi-threaded backward of advanced indexing made them differ
+    from run to run (train.reproducible)."""
+    import torch
+
+    from cloud_trainer.context import build_context
+
+    ds = make_synthetic(n_users=200, n_items=300, seed=5)
+    cfg = build_config({"dataset": "synthetic", "rounds": 1, "seeds": 1, "meta": {"epochs": 1},
+                        "cloud": {"pretrain_epochs": 1}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = build_context(ds, cfg, 0), build_context(ds, cfg, 0)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in ((a.model, b.model), (a.encoder, b.encoder)):
+        sx, sy = x.state_dict(), y.state_dict()
+        assert sx.keys() == sy.keys()
+        assert all(torch.equal(sx[k], sy[k]) for k in sx), [k for k in sx if not torch.equal(sx[k], sy[k])]
