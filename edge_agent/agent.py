@@ -65,6 +65,7 @@ class BundleInfo:
     steps: int | None = None                  # manifest optimizer.steps: the step budget the cloud chose
     neg: int | None = None                    # manifest local_data.neg (None: an older bundle without it)
     val_frac: float | None = None             # manifest local_data.val_frac
+    since: float | None = None                # manifest local_data.since: where the fresh window starts
 
 
 # Samples for bundles that do not say how the cloud built them (older manifests): the cloud's defaults.
@@ -77,6 +78,12 @@ def local_samples(t, info: BundleInfo) -> tuple[int, float]:
     neg = t.neg if t.neg is not None else info.neg if info.neg is not None else DEFAULT_NEG
     frac = t.val_frac if t.val_frac is not None else info.val_frac if info.val_frac is not None else DEFAULT_VAL_FRAC
     return int(neg), float(frac)
+
+
+def sample_window(t, info: BundleInfo) -> float | None:
+    """Where the device's samples start (unix seconds; None = every positive): the bundle's
+    ``local_data.since`` unless the board's ``train.window`` is "all"."""
+    return info.since if t.window == "bundle" else None
 
 
 def step_budget(t, info: BundleInfo) -> int:
@@ -262,7 +269,7 @@ class Agent:
             arrays = self.store.training_arrays(
                 neg=neg, max_len=self._max_len(info), val_frac=val_frac, seed=t.seed + state.rounds,
                 n_items=info.n_items, n_profile=len(info.profile_vocab),
-                impression_negatives=t.impression_negatives)
+                impression_negatives=t.impression_negatives, since=sample_window(t, info))
             if len(arrays.train.profile):
                 vocab = np.array(info.profile_vocab, dtype=np.int64)
                 for s in (arrays.train, arrays.val):
@@ -357,7 +364,7 @@ class BundleModel:
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)},
                                bool(b.manifest["optimizer"].get("require_val", False)),
                                int(b.manifest["optimizer"]["steps"]), neg=local.get("neg"),
-                               val_frac=local.get("val_frac"))
+                               val_frac=local.get("val_frac"), since=local.get("since"))
         self._scorer = None
         self._encoder = None
         self._trainer = None

@@ -18,7 +18,7 @@ Example (every key optional except ``device_id``)::
                     "hmac_key": "{DCCL_HMAC_KEY}"},
       "train":     {"rule": "bundle", "max_steps": 200, "follow_bundle_steps": true, "max_seconds": 60,
                     "neg": null, "val_frac": null, "max_epochs": 5, "batch_size": 64, "patience": 3,
-                    "seed": 0, "backend": "auto", "impression_negatives": false},
+                    "seed": 0, "backend": "auto", "impression_negatives": false, "window": "bundle"},
       "retention": {"max_rows": 100000, "max_age_days": 365},
       "http":      {"bind": "127.0.0.1", "port": 8765, "allow_remote": false}
     }
@@ -63,6 +63,7 @@ class MqttConfig:
 
 
 RULES = ("bundle", "early_stop")
+WINDOWS = ("bundle", "all")
 
 
 @dataclass
@@ -86,6 +87,10 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"          # auto | portable | ort-training
     impression_negatives: bool = False   # also use shown-but-never-clicked items as negatives
+    # Which positives become samples: "bundle" = those at or after the bundle's local_data.since (the
+    # device's fresh window, as in the cloud's split; every positive when the bundle names none);
+    # "all" = every positive the store holds. Older positives are always history.
+    window: str = "bundle"
 
 
 @dataclass
@@ -259,6 +264,8 @@ def _check_sections(c: AgentConfig, chk: _Checker) -> None:
         chk.err("train.backend", t.backend, f"must be one of {', '.join(BACKENDS)}")
     chk.bool_("train.impression_negatives", t.impression_negatives)
     chk.bool_("train.follow_bundle_steps", t.follow_bundle_steps)
+    if t.window not in WINDOWS:
+        chk.err("train.window", t.window, f"must be one of {', '.join(WINDOWS)}")
 
     chk.int_("retention.max_rows", r.max_rows, 1)
     chk.num("retention.max_age_days", r.max_age_days, 0.0, lo_open=True)

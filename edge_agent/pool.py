@@ -422,7 +422,12 @@ class Pool:
             profile = s.profile_array(len(b.profile_vocab))
         items = np.array([e.item for e in events], np.int64)
         ts = np.array([e.ts for e in events], np.float64)
-        lo, hi = int(np.searchsorted(ts, c["fresh_from"], "left")), int(np.searchsorted(ts, c["until"], "left"))
+        # Samples as the bundle says (local_data: negatives, validation fraction, where the fresh window
+        # starts), as a board's agent builds them; the clock's values for a bundle without them. The
+        # clock's "until" ends the replay: later interactions have not happened yet.
+        local = {"neg": self.cfg["neg"], "val_frac": self.cfg["val_frac"], "since": c["fresh_from"],
+                 **{k: v for k, v in (b.manifest.get("local_data") or {}).items() if v is not None}}
+        lo, hi = int(np.searchsorted(ts, local["since"], "left")), int(np.searchsorted(ts, c["until"], "left"))
         hist = np.zeros(b.max_len, np.int64)
         tail = items[max(0, hi - b.max_len):hi]
         hist[b.max_len - len(tail):] = tail
@@ -432,8 +437,8 @@ class Pool:
         phi0 = enc.start_phi(profile, hist, prev)
         phi, metrics, n_train = phi0, {"steps": 0.0}, 0
         if not d.cold and hi > lo:
-            seed, neg, L = int(self.cfg["seed"]), int(self.cfg["neg"]), b.max_len
-            V = val_len(hi - lo, float(self.cfg["val_frac"]))
+            seed, neg, L = int(self.cfg["seed"]), int(local["neg"]), b.max_len
+            V = val_len(hi - lo, float(local["val_frac"]))
             common = dict(user=d.user, neg=neg, max_len=L, n_items=b.n_items, profile=profile)
             dr = int(c.get("data_round", r))  # the data round seeds the samples as in the reference
             train = ctr_rows(items, lo, hi - V, seed=1000 * seed + 10 * dr + 1, **common)

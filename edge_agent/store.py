@@ -25,6 +25,10 @@ Positives and negatives (docs/DESIGN.md data contract):
 - Validation is the newest ``val_frac`` of positives with their negatives (and the
   impression negatives shown at or after the first validation positive): the device's
   early-stopping slice, like the end of the fresh window in the cloud's split.
+- ``since`` (the bundle's ``local_data.since``) is where the device's fresh window starts:
+  only positives at or after it (and impressions shown from then on) become training and
+  validation samples; older positives still form the history of every sample. Without it
+  every positive the store holds is a sample.
 """
 
 from __future__ import annotations
@@ -311,24 +315,30 @@ class Store:
         return out
 
     def training_arrays(self, neg: int, max_len: int, val_frac: float, seed: int, n_items: int,
-                        n_profile: int = 0, impression_negatives: bool = False) -> TrainingArrays:
+                        n_profile: int = 0, impression_negatives: bool = False,
+                        since: float | None = None) -> TrainingArrays:
         """Training + validation samples in time order (see the module docstring).
 
-        Rows: each positive, then its ``neg`` negatives. Raises EmptyDataError when there is
-        no positive inside the catalogue, DcclError when the catalogue has no item left to
-        sample negatives from.
+        Rows: each positive (at or after ``since``, when given), then its ``neg`` negatives.
+        Raises EmptyDataError when there is no such positive inside the catalogue, DcclError
+        when the catalogue has no item left to sample negatives from.
         """
         if neg < 0 or max_len < 1 or not (0.0 <= val_frac < 1.0) or n_items < 1:
             raise DcclError(f"neg={neg}, max_len={max_len}, val_frac={val_frac}, n_items={n_items}: "
                             "need neg >= 0, max_len >= 1, 0 <= val_frac < 1, n_items >= 1")
+        if since is not None and not math.isfinite(since):
+            raise DcclError(f"since={since}: must be a finite time (unix seconds)")
         items_all, ts_all = self._positives()
         known = items_all <= n_items
         items, ts = items_all[known], ts_all[known]
-        K = len(items)
+        first = 0 if since is None else int(np.searchsorted(ts, since, side="left"))
+        K = len(items) - first      # samples: positives first .. end; the older ones are history only
         if K == 0:
             raise EmptyDataError(
                 "no clicks or interactions in the local store"
                 + (f" inside the catalogue 1..{n_items}" if len(items_all) else "")
+                + (f" since {since:.0f} (unix seconds; the bundle's local_data.since: where the device's fresh "
+                   f"window starts; {first} older ones are history only)" if since is not None else "")
                 + ": nothing to train on")
         seen = np.unique(items)
         free = np.setdiff1d(np.arange(1, n_items + 1, dtype=np.int64), seen, assume_unique=True)
@@ -338,12 +348,12 @@ class Store:
         # Validation: newest val_frac of positives, at least one when asked, at least one left to train.
         n_val = min(max(int(round(K * val_frac)), 1 if val_frac > 0 else 0), K - 1)
         padded = np.concatenate([np.zeros(max_len, np.int64), items])
-        # hist of positive k = items[k-L : k]  ->  padded[k : k+L]
-        win = np.arange(K)[:, None] + np.arange(max_len)[None, :]                  # (K, L)
+        # hist of positive k = items[k-L : k]  ->  padded[k : k+L]; samples are positives first..end
+        win = (first + np.arange(K))[:, None] + np.arange(max_len)[None, :]        # (K, L)
         hist = padded[win]
         G = 1 + neg
         cand = np.empty((K, G), np.int64)
-        cand[:, 0] = items
+        cand[:, 0] = items[first:]
         if neg:
             rng = np.random.default_rng(seed)
             cand[:, 1:] = free[rng.integers(0, len(free), size=(K, neg))]
@@ -358,7 +368,8 @@ class Store:
         parts = {"train": list(rows(slice(0, K - n_val))), "val": list(rows(slice(K - n_val, K)))}
         if impression_negatives:
             self._add_impression_negatives(parts, items, ts, seen, n_items, max_len,
-                                           ts[K - n_val] if n_val else math.inf)
+                                           ts[first + K - n_val] if n_val else math.inf,
+                                           -math.inf if since is None else since)
         out = {}
         for name, (it, hi, la) in parts.items():
             out[name] = Samples(item=it, hist=hi.reshape(-1, max_len),
@@ -366,8 +377,8 @@ class Store:
         return TrainingArrays(out["train"], out["val"], K, n_val, int((~known).sum()))
 
     def _add_impression_negatives(self, parts: dict, items: np.ndarray, ts: np.ndarray, seen: np.ndarray,
-                                  n_items: int, max_len: int, val_start: float) -> None:
-        """One negative row per impression of an item never clicked, hist as of its ts."""
+                                  n_items: int, max_len: int, val_start: float, since: float) -> None:
+        """One negative row per impression (at or after ``since``) of an item never clicked, hist as of its ts."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT item, ts FROM events WHERE kind = 'impression' ORDER BY ts, seq").fetchall()
@@ -375,7 +386,7 @@ class Store:
             return
         imp = np.array(rows, dtype=np.float64).reshape(-1, 2)
         it, t = imp[:, 0].astype(np.int64), imp[:, 1]
-        keep = (it <= n_items) & ~np.isin(it, seen)
+        keep = (it <= n_items) & ~np.isin(it, seen) & (t >= since)
         it, t = it[keep], t[keep]
         n_before = np.searchsorted(ts, t, side="left")          # positives strictly before each impression
         padded = np.concatenate([np.zeros(max_len, np.int64), items])

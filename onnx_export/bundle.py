@@ -140,6 +140,8 @@ def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: st
     }
     if local_data is not None:
         manifest["local_data"] = {"neg": int(local_data["neg"]), "val_frac": float(local_data["val_frac"])}
+        if local_data.get("since") is not None:
+            manifest["local_data"]["since"] = float(local_data["since"])
     return manifest
 
 
@@ -152,8 +154,9 @@ def write_bundle(model: MetaPatchModel, encoder: PatchEncoder | None, out_dir: s
     the manifest's ``source.encoder_trained`` says so. ``cache_features`` (default: whether the
     model is ``cacheable``): train graphs on the head with a trunk model, else on the raw inputs;
     True for a model whose patches are not all in the head is an error. ``local_data``
-    ({"neg", "val_frac"}, optional): how the cloud built the devices' samples (the manifest's
-    ``local_data``; a board's agent builds its own the same way)."""
+    ({"neg", "val_frac"} and optionally "since", the start of the devices' fresh window in unix
+    seconds): how the cloud built the devices' samples (the manifest's ``local_data``; a board's
+    agent builds its own the same way)."""
     cfg = cfg or DeviceTrainConfig()
     cached = model.cacheable if cache_features is None else bool(cache_features)
     if cached and not model.cacheable:

@@ -24,7 +24,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="on-device AdamW steps per round (default: the checkpoint's device config, else DeviceTrainConfig)")
     parser.add_argument("--lr", type=float, help="on-device learning rate (default: the checkpoint's device config, else DeviceTrainConfig)")
     parser.add_argument("--weight-decay", type=float, help="on-device AdamW weight decay (default: DeviceTrainConfig)")
+    parser.add_argument("--since",
+                        help="where the devices' fresh window starts — unix seconds or ISO 8601 "
+                             "(2026-12-01T00:00:00Z): a board trains on its positives from then on, the "
+                             "older ones are history only (the manifest's local_data.since). Typically the "
+                             "time up to which the checkpoint's training data reaches. Default: no window")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out directory")
+
+
+def _since(text: str) -> float:
+    """--since: unix seconds, or an ISO 8601 time with a UTC offset (or Z)."""
+    import datetime as dt
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise DcclError(
+                f"--since {text!r}: expected unix seconds or an ISO 8601 time such as 2026-12-01T00:00:00Z") from None
+        if when.tzinfo is None:
+            raise DcclError(f"--since {text!r}: give a UTC offset or Z (a board's clock is UTC)")
+        value = when.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise DcclError(f"--since {text!r}: must be a finite time at or after 1970")
+    return value
 
 
 def _sha256(path: Path) -> str:
@@ -40,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_trainer.personalize import DeviceTrainConfig
     from onnx_export.bundle import write_bundle
 
+    since = None if args.since is None else _since(args.since)     # bad input fails before any work
     model, encoder, meta = load_checkpoint(args.checkpoint)
     # The device training settings the checkpoint was trained for (`dccl cloud train` records its config),
     # then the command line's overrides.
@@ -48,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     data = trained_config.get("data") or {}
     # How the cloud built the devices' samples when it chose the budget; a board builds its own alike.
     local_data = {k: data[k] for k in ("neg", "val_frac")} if all(k in data for k in ("neg", "val_frac")) else None
+    if since is not None:
+        if local_data is None:
+            raise DcclError(f"--since: checkpoint {args.checkpoint} does not record how the cloud built its samples "
+                            "(config.data.neg / val_frac), so the bundle can carry no local_data to put it in")
+        local_data["since"] = since
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("weight_decay", args.weight_decay))
                  if v is not None}
     try:

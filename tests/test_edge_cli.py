@@ -40,6 +40,7 @@ def test_config_defaults_and_relative_paths(tmp_path):
     ({"train": {"val_frac": 1.0}}, "train.val_frac = 1.0: must be < 1"),
     ({"train": {"backend": "gpu"}}, 'train.backend = "gpu": must be one of auto, portable, ort-training'),
     ({"train": {"rule": "best"}}, 'train.rule = "best": must be one of bundle, early_stop'),
+    ({"train": {"window": "fresh"}}, 'train.window = "fresh": must be one of bundle, all'),
     ({"train": {"patience": 0}}, "train.patience = 0: must be >= 1"),
     ({"train": {"neg": -2}}, "train.neg = -2: must be >= 0"),
     ({"train": {"max_stepz": 3}}, "train.max_stepz = 3: unknown key"),

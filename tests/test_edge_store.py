@@ -152,6 +152,30 @@ def test_impression_negatives_optional(store):
     assert more.train.hist[len(base.train):][extra.tolist().index(6)].tolist() == [3, 5]
 
 
+def test_since_starts_the_fresh_window_older_positives_are_history(store):
+    """With ``since`` (the bundle's local_data.since) only positives from then on become samples —
+    the device's fresh window, as in the cloud's split; the older ones stay in every sample's history,
+    and no positive, old or new, is ever a negative."""
+    store.ingest(events(10) + [{"event_id": "i0", "kind": "impression", "item": 30, "ts": 1_000_001.5},
+                               {"event_id": "i1", "kind": "impression", "item": 31, "ts": 1_000_007.5}], now=NOW)
+    since = 1_000_006.0                         # positives 7..10 (ts +6 .. +9) are fresh
+    ta = store.training_arrays(neg=3, max_len=4, val_frac=0.25, seed=5, n_items=40, since=since,
+                               impression_negatives=True)
+    assert (ta.n_positives, ta.n_val_positives) == (4, 1)
+    pos = ta.train.label == 1
+    assert ta.train.item[pos].tolist() == [7, 8, 9] and ta.val.item[ta.val.label == 1].tolist() == [10]
+    assert ta.train.hist[pos][0].tolist() == [3, 4, 5, 6], "older positives are the first fresh one's history"
+    neg = ta.train.item[~pos]
+    assert not np.isin(neg, np.arange(1, 11)).any(), "no positive is a negative"
+    assert 31 in neg and 30 not in neg, "only impressions shown inside the window"
+    assert store.training_arrays(neg=3, max_len=4, val_frac=0.1, seed=5, n_items=40).n_positives == 10, \
+        "without since: every positive"
+    with pytest.raises(EmptyDataError, match=r"since 1000010 .*local_data.since.*10 older ones are history only"):
+        store.training_arrays(neg=1, max_len=3, val_frac=0.1, seed=0, n_items=40, since=1_000_010.0)
+    with pytest.raises(DcclError, match="since=nan"):
+        store.training_arrays(neg=1, max_len=3, val_frac=0.1, seed=0, n_items=40, since=float("nan"))
+
+
 def test_empty_store_gives_a_clear_error(store):
     with pytest.raises(EmptyDataError, match="nothing to train on"):
         store.training_arrays(neg=1, max_len=3, val_frac=0.1, seed=0, n_items=10)

@@ -286,10 +286,14 @@ def test_manifest_field_errors_name_the_field(bundle):
     ok = json.loads(json.dumps(m))
     ok["local_data"] = {"neg": 4, "val_frac": 0.3}
     mf.validate(ok)
+    ok["local_data"]["since"] = 1764547200.0
+    mf.validate(ok)
     for local, msg in (({"neg": -1, "val_frac": 0.3}, "local_data.neg: -1 must be an integer >= 0"),
                        ({"neg": 4, "val_frac": 1.0}, r"local_data.val_frac: 1.0 must be a number in \[0, 1\)"),
                        ({"neg": True, "val_frac": 0.3}, "local_data.neg: True is not int"),
-                       ({"val_frac": 0.3}, "local_data.neg: missing")):
+                       ({"val_frac": 0.3}, "local_data.neg: missing"),
+                       ({"neg": 4, "val_frac": 0.3, "since": "monday"}, "local_data.since: 'monday' is not"),
+                       ({"neg": 4, "val_frac": 0.3, "since": float("inf")}, "local_data.since: inf must be a finite")):
         bad = json.loads(json.dumps(m))
         bad["local_data"] = local
         with pytest.raises(mf.ManifestError, match=msg):
@@ -395,10 +399,19 @@ def test_cli_export(tmp_path, capsys):
     # A checkpoint from `dccl cloud train` records its config: the bundle carries its sample rules.
     ckpt2 = save_checkpoint(tmp_path / "ckpt2.pt", model, None, step=43, round=2,
                             extra={"config": {"data": {"neg": 6, "val_frac": 0.25}, "device": {"steps": 3}}})
-    assert dccl_main(["export", "--checkpoint", str(ckpt2), "--out", str(tmp_path / "b1")]) == 0
+    # --since: where the devices' fresh window starts (ISO 8601 or unix seconds).
+    assert dccl_main(["export", "--checkpoint", str(ckpt2), "--out", str(tmp_path / "b1"),
+                      "--since", "2026-12-01T00:00:00Z"]) == 0
     m2 = mf.load(tmp_path / "b1")
-    assert m2["local_data"] == {"neg": 6, "val_frac": 0.25} and m2["optimizer"]["steps"] == 3
+    assert m2["local_data"] == {"neg": 6, "val_frac": 0.25, "since": 1796083200.0} and m2["optimizer"]["steps"] == 3
     capsys.readouterr()
+    for since, msg in (("yesterday", "expected unix seconds or an ISO 8601 time"),
+                       ("2026-12-01T00:00:00", "give a UTC offset or Z"), ("nan", "must be a finite time"),
+                       ("5", "does not record how the cloud built its samples")):
+        assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b4"), "--since", since]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0] and "--since" in err[0], err
+    assert not (tmp_path / "b4").exists()
     # Refuses to overwrite, one clear line, exit 2.
     assert dccl_main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

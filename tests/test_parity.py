@@ -240,6 +240,48 @@ def test_a_board_round_is_the_cloud_reference(tmp_path):
     assert np.abs(after[name].reshape(1, -1) - want).max() <= PHI_TOL
 
 
+@pytest.mark.parametrize("window", ["bundle", "all"])
+def test_a_board_trains_on_the_fresh_window_the_bundle_names(tmp_path, window):
+    """A bundle whose local_data names where the devices' fresh window starts (``since``): the agent
+    trains on its positives from then on — the older ones are history — and the φ it saves is the
+    reference rule's on those samples; ``train.window: "all"`` takes every positive instead."""
+    import json
+    import shutil
+    import time
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import config_from_dict
+
+    model, src = shared_bundle("cached")
+    shutil.copytree(src, tmp_path / "bundle")
+    path = tmp_path / "bundle" / "manifest.json"
+    m = json.loads(path.read_text())
+    t0 = time.time() - 3600.0
+    m["local_data"], m["optimizer"]["steps"] = {"neg": 2, "val_frac": 0.25, "since": t0 + 12}, 5
+    path.write_text(json.dumps(m))
+    cfg = config_from_dict({"device_id": "dev-1", "state_dir": "state", "bundle_dir": "bundle",
+                            "train": {"backend": "portable", "window": window}}, base_dir=tmp_path)
+    items = np.random.default_rng(6).choice(np.arange(1, 1683), 24, replace=False)
+    with Agent(cfg) as agent:
+        agent.set_profile([3, 1, 7])
+        agent.ingest([{"event_id": f"e{i}", "kind": "click", "item": int(it), "ts": t0 + i}
+                      for i, it in enumerate(items)])
+        phi0, _ = agent.current_phi()
+        rep = agent.train_round()
+        after = agent.state().phi
+        arrays = agent.store.training_arrays(neg=2, max_len=m["schema"]["max_len"], val_frac=0.25, seed=0,
+                                             n_items=1682, n_profile=3,
+                                             since=t0 + 12 if window == "bundle" else None)
+    fresh = 12 if window == "bundle" else 24
+    assert rep["positives"] == fresh and rep["val_samples"] == fresh // 4 * 3 and rep["steps"] == 5
+    assert arrays.train.item[arrays.train.label == 1][0] == items[24 - fresh]
+    (name,) = phi0
+    as_dict = lambda a: {"item": a.item, "hist": a.hist, "profile": a.profile, "label": a.label}  # noqa: E731
+    want, kept = _reference_rule(model, phi0[name].reshape(1, -1), as_dict(arrays.train), as_dict(arrays.val), 5)
+    assert rep["kept_previous"] == kept
+    assert np.abs(after[name].reshape(1, -1) - want).max() <= PHI_TOL
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_trunk_runs_once_per_call(bundle, local_data, backend):
     """A cached bundle computes the trunk features once per train() call (and once for the

@@ -121,7 +121,9 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     steps = {k: m["optimizer"]["steps"] for k, m in manifests.items()}
     assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 5, "r1.1": 7}, steps
     # ... and says how the cloud built the devices' samples (a board's agent builds its own alike).
-    assert all(m["local_data"] == {"neg": cfg.data.neg, "val_frac": cfg.data.val_frac} for m in manifests.values())
+    assert all(m["local_data"] == {"neg": cfg.data.neg, "val_frac": cfg.data.val_frac,
+                                   "since": sim.fleet.clock.window(m["source"]["round"])[0]}
+               for m in manifests.values())
     assert [(b["round"], b["session"], b["device_steps"]) for b in res["bundles"]] == \
         [(0, 0, 20), (0, 1, 7), (1, 0, 5), (1, 1, 7)]
 

@@ -255,7 +255,8 @@ class Simulation:
             from onnx_export.bundle import write_bundle
             manifest = write_bundle(strategy.model, strategy.encoder, bdir, version=version, cfg=dcfg,
                                     source={"simulate": self.prefix, "round": r}, overwrite=True,
-                                    local_data={"neg": self.cfg.data.neg, "val_frac": self.cfg.data.val_frac})
+                                    local_data={"neg": self.cfg.data.neg, "val_frac": self.cfg.data.val_frac,
+                                                "since": fleet.clock.window(r)[0]})
             self.validator.spec = load_spec(manifest["trainable"])
             self.bundles.append({"version": version, "round": r, "session": k,
                                  "device_steps": manifest["optimizer"]["steps"]})

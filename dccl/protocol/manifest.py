@@ -34,10 +34,12 @@ trunk or head, raw-input train graphs)::
                      "require_val" (optional, default false: a device with no validation slice does not train)}
                     ("steps": the on-device budget the cloud chose for this bundle on validation; 0 = no
                      step helps on it. A board's agent stops there unless train.follow_bundle_steps is off)
-  local_data        {"neg": int >= 0, "val_frac": 0 <= float < 1}   (optional: how the cloud built each
-                     device's samples when it chose this bundle's budget — sampled negatives per positive,
-                     the newest fraction of the fresh positives held out for validation. A board's agent
-                     uses them unless its config sets train.neg / train.val_frac)
+  local_data        {"neg": int >= 0, "val_frac": 0 <= float < 1, "since"?: finite number}   (optional: how
+                     the cloud built each device's samples when it chose this bundle's budget — sampled
+                     negatives per positive, the newest fraction of the fresh positives held out for
+                     validation, and where the device's fresh window starts (unix seconds: positives
+                     before it are history only, as in the cloud's split). A board's agent uses them
+                     unless its config sets train.neg / train.val_frac / train.window "all")
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
   reference         {"batch": {...lists}, "phi0", "steps", "lr", "phi_after", "losses", "grad0", "logits0",
                      "tolerance": {"phi", "grad", "logit"}}   ("lr": the rate of the reference steps;
@@ -223,6 +225,10 @@ def validate(obj: Any) -> dict:
         frac = _need(local, "val_frac", (int, float), "local_data.")
         if not 0 <= frac < 1:
             raise ManifestError("local_data.val_frac", f"{frac!r} must be a number in [0, 1)")
+        if local.get("since") is not None:
+            since = _need(local, "since", (int, float), "local_data.")
+            if isinstance(since, bool) or not math.isfinite(since):
+                raise ManifestError("local_data.since", f"{since!r} must be a finite time in unix seconds")
     _need(_need(obj, "loss", dict, ""), "name", str, "loss.")
     _need(obj, "versions", dict, "")
     if "reference" in obj and obj["reference"] is not None:
