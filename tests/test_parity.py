@@ -201,13 +201,13 @@ def test_final_rule_is_the_cloud_reference(bundle, local_data, backend):
         trainer.train(phi0, train, steps=1, select="last")
 
 
-def test_a_board_round_is_the_cloud_reference(tmp_path):
-    """A board's agent with its default rule ("bundle") builds its samples as the bundle's
-    local_data says, trains the bundle's budget full-batch and keeps φ0 if validation got worse:
-    the φ it saves is what `personalize_all` computes on those samples."""
+def _board_round(tmp_path, items, t0, local_data: dict, window: str = "bundle"):
+    """A board's agent on a copy of the cached bundle whose manifest carries `local_data` and a budget
+    of 5 steps: it ingests one click per item (one a second from `t0`) and trains a round. Returns the
+    round's report, φ before and after, the samples the store builds for it (`since` as the window
+    says) and the PyTorch reference rule's φ and keep decision on those samples."""
     import json
     import shutil
-    import time
 
     from edge_agent.agent import Agent
     from edge_agent.config import config_from_dict
@@ -216,13 +216,10 @@ def test_a_board_round_is_the_cloud_reference(tmp_path):
     shutil.copytree(src, tmp_path / "bundle")
     path = tmp_path / "bundle" / "manifest.json"
     m = json.loads(path.read_text())
-    m["local_data"], m["optimizer"]["steps"] = {"neg": 2, "val_frac": 0.25}, 5
+    m["local_data"], m["optimizer"]["steps"] = local_data, 5
     path.write_text(json.dumps(m))
     cfg = config_from_dict({"device_id": "dev-1", "state_dir": "state", "bundle_dir": "bundle",
-                            "train": {"backend": "portable"}}, base_dir=tmp_path)
-    rng = np.random.default_rng(5)
-    items = rng.choice(np.arange(1, 1683), 24, replace=False)
-    t0 = time.time() - 3600.0          # recent: older events fall to the store's retention
+                            "train": {"backend": "portable", "window": window}}, base_dir=tmp_path)
     with Agent(cfg) as agent:
         agent.set_profile([3, 1, 7])
         agent.ingest([{"event_id": f"e{i}", "kind": "click", "item": int(it), "ts": t0 + i}
@@ -230,14 +227,27 @@ def test_a_board_round_is_the_cloud_reference(tmp_path):
         phi0, _ = agent.current_phi()
         rep = agent.train_round()
         after = agent.state().phi
-        arrays = agent.store.training_arrays(neg=2, max_len=m["schema"]["max_len"], val_frac=0.25, seed=0,
-                                             n_items=1682, n_profile=3)
+        arrays = agent.store.training_arrays(neg=local_data["neg"], max_len=m["schema"]["max_len"],
+                                             val_frac=local_data["val_frac"], seed=0, n_items=1682, n_profile=3,
+                                             since=local_data.get("since") if window == "bundle" else None)
     (name,) = phi0
-    assert rep["steps"] == 5 and rep["positives"] == 24 and rep["val_samples"] == 6 * 3    # 25 % of 24, 2 negatives
     as_dict = lambda a: {"item": a.item, "hist": a.hist, "profile": a.profile, "label": a.label}  # noqa: E731
     want, kept = _reference_rule(model, phi0[name].reshape(1, -1), as_dict(arrays.train), as_dict(arrays.val), 5)
+    return rep, after[name].reshape(1, -1), arrays, want, kept
+
+
+def test_a_board_round_is_the_cloud_reference(tmp_path):
+    """A board's agent with its default rule ("bundle") builds its samples as the bundle's
+    local_data says, trains the bundle's budget full-batch and keeps φ0 if validation got worse:
+    the φ it saves is what `personalize_all` computes on those samples."""
+    import time
+
+    items = np.random.default_rng(5).choice(np.arange(1, 1683), 24, replace=False)
+    t0 = time.time() - 3600.0          # recent: older events fall to the store's retention
+    rep, after, _, want, kept = _board_round(tmp_path, items, t0, {"neg": 2, "val_frac": 0.25})
+    assert rep["steps"] == 5 and rep["positives"] == 24 and rep["val_samples"] == 6 * 3    # 25 % of 24, 2 negatives
     assert rep["kept_previous"] == kept
-    assert np.abs(after[name].reshape(1, -1) - want).max() <= PHI_TOL
+    assert np.abs(after - want).max() <= PHI_TOL
 
 
 @pytest.mark.parametrize("window", ["bundle", "all"])
@@ -245,41 +255,17 @@ def test_a_board_trains_on_the_fresh_window_the_bundle_names(tmp_path, window):
     """A bundle whose local_data names where the devices' fresh window starts (``since``): the agent
     trains on its positives from then on — the older ones are history — and the φ it saves is the
     reference rule's on those samples; ``train.window: "all"`` takes every positive instead."""
-    import json
-    import shutil
     import time
 
-    from edge_agent.agent import Agent
-    from edge_agent.config import config_from_dict
-
-    model, src = shared_bundle("cached")
-    shutil.copytree(src, tmp_path / "bundle")
-    path = tmp_path / "bundle" / "manifest.json"
-    m = json.loads(path.read_text())
-    t0 = time.time() - 3600.0
-    m["local_data"], m["optimizer"]["steps"] = {"neg": 2, "val_frac": 0.25, "since": t0 + 12}, 5
-    path.write_text(json.dumps(m))
-    cfg = config_from_dict({"device_id": "dev-1", "state_dir": "state", "bundle_dir": "bundle",
-                            "train": {"backend": "portable", "window": window}}, base_dir=tmp_path)
     items = np.random.default_rng(6).choice(np.arange(1, 1683), 24, replace=False)
-    with Agent(cfg) as agent:
-        agent.set_profile([3, 1, 7])
-        agent.ingest([{"event_id": f"e{i}", "kind": "click", "item": int(it), "ts": t0 + i}
-                      for i, it in enumerate(items)])
-        phi0, _ = agent.current_phi()
-        rep = agent.train_round()
-        after = agent.state().phi
-        arrays = agent.store.training_arrays(neg=2, max_len=m["schema"]["max_len"], val_frac=0.25, seed=0,
-                                             n_items=1682, n_profile=3,
-                                             since=t0 + 12 if window == "bundle" else None)
+    t0 = time.time() - 3600.0
+    rep, after, arrays, want, kept = _board_round(
+        tmp_path, items, t0, {"neg": 2, "val_frac": 0.25, "since": t0 + 12}, window)
     fresh = 12 if window == "bundle" else 24
     assert rep["positives"] == fresh and rep["val_samples"] == fresh // 4 * 3 and rep["steps"] == 5
     assert arrays.train.item[arrays.train.label == 1][0] == items[24 - fresh]
-    (name,) = phi0
-    as_dict = lambda a: {"item": a.item, "hist": a.hist, "profile": a.profile, "label": a.label}  # noqa: E731
-    want, kept = _reference_rule(model, phi0[name].reshape(1, -1), as_dict(arrays.train), as_dict(arrays.val), 5)
     assert rep["kept_previous"] == kept
-    assert np.abs(after[name].reshape(1, -1) - want).max() <= PHI_TOL
+    assert np.abs(after - want).max() <= PHI_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
