@@ -204,7 +204,7 @@ def test_final_rule_is_the_cloud_reference(bundle, local_data, backend):
 def _board_round(tmp_path, items, t0, local_data: dict, window: str = "bundle"):
     """A board's agent on a copy of the cached bundle whose manifest carries `local_data` and a budget
     of 5 steps: it ingests one click per item (one a second from `t0`) and trains a round. Returns the
-    round's report, φ before and after, the samples the store builds for it (`since` as the window
+    round's report, the φ it saved, the samples the store builds for it (`since` as the window
     says) and the PyTorch reference rule's φ and keep decision on those samples."""
     import json
     import shutil
