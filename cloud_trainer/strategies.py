@@ -142,6 +142,9 @@ class DCCL(Strategy):
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
         # str(round) -> the MoMoDistill setting chosen in it (momodistill_each_round), as results.json keeps it
         self.choices: dict[str, dict] = {}
+        # The setting in use (a tune_momodistill candidate; None if cfg.momodistill is none of them): a
+        # later round's choice keeps it unless another candidate is clearly better (`choose_momodistill`).
+        self.incumbent = grid_candidate(ctx.cfg.tune_momodistill, ctx.cfg.momodistill)
 
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
@@ -150,8 +153,9 @@ class DCCL(Strategy):
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
             # MoMoDistill's setting chosen anew for this round, on its validation slices.
-            choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r)
-            m = choice["config"]
+            choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
+                                        incumbent=self.incumbent)
+            m, self.incumbent = choice["config"], choice["chosen"]
             self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
@@ -202,16 +206,27 @@ def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg,
     return model, teacher
 
 
+def grid_candidate(grid: list[dict], m_cfg) -> dict | None:
+    """The candidate of `grid` whose setting `m_cfg` (a MoMoDistillConfig) has, or None."""
+    have = {"lam": float(m_cfg.lam), "kd_extra": int(m_cfg.kd_extra), "kd_balance": float(m_cfg.kd_balance)}
+    return next((c for c in grid if momodistill_setting(c) == have), None)
+
+
 def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, grid: list[dict],
-                       seed: int) -> dict:
+                       seed: int, incumbent: dict | None = None) -> dict:
     """Choose MoMoDistill's step-1 setting (λ, kd_extra, kd_balance) for round r on its validation
     slices: the device models `uploaded` (trained on the fresh windows minus those slices) teach a copy
     of `model` on the same rows (`replay_step1`), and each copy is scored on the held-out slices;
-    near-ties keep the candidate listed first (one-SE rule). The cloud holds these rows itself (the
-    pooled fresh data), so a deployment can make this choice every round. Returns {"chosen", "config",
-    "scores", "replay": (model copy, teacher logits) of the chosen candidate}."""
+    near-ties keep the candidate listed first (one-SE rule) — or the `incumbent`, the setting the
+    previous round used, which then goes first: a later round changes the setting only when its
+    validation slices show another clearly better, so choices do not flip between near-ties. The cloud
+    holds these rows itself (the pooled fresh data), so a deployment can make this choice every round.
+    Returns {"chosen", "config", "scores", "replay": (model copy, teacher logits) of the chosen
+    candidate}."""
     evaluate_val = validation_gauc(ctx, r)
     scores, replays = {}, {}
+    if incumbent is not None:
+        grid = [incumbent] + [c for c in grid if momodistill_setting(c) != momodistill_setting(incumbent)]
     for cand in grid:
         key = json.dumps(cand, sort_keys=True)
         m_cfg = replace(ctx.cfg.momodistill, **momodistill_setting(cand))

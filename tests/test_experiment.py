@@ -308,6 +308,37 @@ def test_choose_within_noise_keeps_the_first_option_unless_another_is_clearly_be
     assert choose_within_noise({0: base, 2: base + 0.02, 3: base + 0.0201 + noise}) == 2
 
 
+def test_a_later_round_keeps_the_incumbent_momodistill_setting_unless_another_is_clearly_better(monkeypatch):
+    """choose_momodistill with an incumbent (the setting the previous round used) puts it first: a
+    near-tie keeps it, where without one the candidate listed first would win; a clearly better
+    candidate still replaces it. (Amazon Beauty: round 0 chose labels only, listed last; round 1's
+    near-ties then fell to the first-listed distillation setting, which lost on the future window.)"""
+    import types
+
+    import cloud_trainer.strategies as S
+    from cloud_trainer.momodistill import MoMoDistillConfig
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.6, 0.9, 400)
+    distil, labels = {"lam": 1.0, "kd_extra": 0}, {"lam": 0.0, "kd_extra": 0}
+    key = lambda c: json.dumps(c, sort_keys=True)  # noqa: E731
+    for val in ({key(distil): base + 0.0005 + rng.normal(0, 0.02, 400), key(labels): base},
+                {key(distil): base + 0.02 + rng.normal(0, 0.02, 400), key(labels): base}):
+        # Each candidate's replayed model is its MoMoDistillConfig; its validation scores come from `val`.
+        monkeypatch.setattr(S, "replay_step1", lambda ctx, model, r, up, m_cfg, seed: (m_cfg, None))
+        monkeypatch.setattr(S, "cloud_scorer", lambda m_cfg, profile: m_cfg)
+        monkeypatch.setattr(S, "validation_gauc", lambda ctx, r, val=val: lambda m_cfg: val[key(
+            {"lam": m_cfg.lam, "kd_extra": m_cfg.kd_extra})])
+        ctx = types.SimpleNamespace(cfg=types.SimpleNamespace(momodistill=MoMoDistillConfig()),
+                                    ds=types.SimpleNamespace(profile=None))
+        fresh = S.choose_momodistill(ctx, None, 1, None, [distil, labels], seed=0)["chosen"]
+        kept = S.choose_momodistill(ctx, None, 1, None, [distil, labels], seed=0, incumbent=labels)["chosen"]
+        clear = val[key(distil)].mean() - base.mean() > 0.01
+        assert (fresh, kept) == ((distil, distil) if clear else (distil, labels))
+    assert S.grid_candidate([distil, labels], MoMoDistillConfig(lam=0.0, kd_extra=0)) == labels
+    assert S.grid_candidate([distil], MoMoDistillConfig(lam=2.0)) is None
+
+
 def test_training_repeats_bit_for_bit():
     """Two builds of the same seed's context train identical models (cloud W_f, meta-trained Θ, encoder):
     without deterministic algorithms the multi-threaded backward of advanced indexing made them differ
