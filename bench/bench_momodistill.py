@@ -23,7 +23,7 @@ from cloud_trainer.data import build_ctr_samples, load_dataset, make_split, make
 from cloud_trainer.models.din import DINConfig
 from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.momodistill import MoMoDistillConfig, step1
-from cloud_trainer.train import fit_cloud
+from cloud_trainer.train import fit_cloud, reproducible
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--kd-balance", type=float, nargs="+", default=[0.0],
                    help="device balance of the distillation term (each value with each kd_extra)")
     a = p.parse_args()
+    reproducible()  # deterministic algorithms, as every cloud training path runs (context.build_context)
     torch.manual_seed(0)
     ds = make_synthetic() if a.dataset == "synthetic" else load_dataset(a.dataset, a.data)
     w = make_split(ds, rounds=2).round(0)
