@@ -83,6 +83,8 @@ class ExperimentConfig(BaseModel):
     # validation slices, each seed on its own (`strategies.choose_momodistill`); round 0 keeps the choice
     # tuning made. A round-0 replay judges one round of distillation from the stale model; later rounds
     # distil into a model that has distilled before (on ML-100K round 1 then prefers labels only).
+    # Near-ties keep the setting the previous round used (it goes first in the one-SE rule): a round
+    # changes it only on clear validation evidence.
     momodistill_each_round: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
