@@ -143,7 +143,8 @@ class DCCL(Strategy):
         # str(round) -> the MoMoDistill setting chosen in it (momodistill_each_round), as results.json keeps it
         self.choices: dict[str, dict] = {}
         # The setting in use (a tune_momodistill candidate; None if cfg.momodistill is none of them): a
-        # later round's choice keeps it unless another candidate is clearly better (`choose_momodistill`).
+        # later round's choice keeps it unless another candidate is clearly better (`choose_momodistill`;
+        # cfg.momodistill_keep_incumbent).
         self.incumbent = grid_candidate(ctx.cfg.tune_momodistill, ctx.cfg.momodistill)
 
     def run_round(self, ctx, r, report):
@@ -154,7 +155,7 @@ class DCCL(Strategy):
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
             # MoMoDistill's setting chosen anew for this round, on its validation slices.
             choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
-                                        incumbent=self.incumbent)
+                                        incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None)
             m, self.incumbent = choice["config"], choice["chosen"]
             self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
