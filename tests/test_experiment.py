@@ -196,6 +196,16 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
     res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_each_round=False),
                          tiny_ds, progress=False)
     assert "momodistill_each_round" not in res["tuning"] and len(runs) == 4
+    # momodistill_keep_incumbent: round 1 lists round 0's setting first (it wins near-ties), here the
+    # grid's last candidate (round 0's tuning is given only that one), where grid order lists it last.
+    import cloud_trainer.experiment as E
+    choose = E.choose_momodistill
+    monkeypatch.setattr(E, "choose_momodistill", lambda ctx, model, r, phi, g, seed: choose(ctx, model, r, phi, g[-1:], seed))
+    for keep, first in ((True, grid[-1]), (False, grid[0])):
+        res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_keep_incumbent=keep),
+                             tiny_ds, progress=False)
+        assert res["tuning"]["momodistill"]["chosen"] == grid[-1]
+        assert json.loads(list(res["tuning"]["momodistill_each_round"]["0"]["1"]["val_gauc"])[0]) == first
 
 
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
