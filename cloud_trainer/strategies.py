@@ -209,8 +209,7 @@ def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg,
 
 def grid_candidate(grid: list[dict], m_cfg) -> dict | None:
     """The candidate of `grid` whose setting `m_cfg` (a MoMoDistillConfig) has, or None."""
-    have = {"lam": float(m_cfg.lam), "kd_extra": int(m_cfg.kd_extra), "kd_balance": float(m_cfg.kd_balance)}
-    return next((c for c in grid if momodistill_setting(c) == have), None)
+    return next((c for c in grid if all(getattr(m_cfg, k) == v for k, v in momodistill_setting(c).items())), None)
 
 
 def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, grid: list[dict],
