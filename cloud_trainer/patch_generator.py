@@ -28,6 +28,7 @@ class MetaTrainConfig:
     outer_lr: float = 3e-3
     max_samples_per_user: int = 50  # support / query samples drawn per user per step (cost bound)
     cold_weight: float = 0.5  # weight of the un-adapted (cold-start) query loss
+    encoder_from_cloud: bool = False  # start the encoder's item / profile embeddings from the cloud model's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,10 +59,32 @@ def _local(batch: Batch, users: np.ndarray, n_users: int) -> Batch:
     return out
 
 
+def init_encoder_from_cloud(encoder, model) -> list[str]:
+    """Copy the cloud model's item and profile embeddings into the encoder where the shapes agree.
+
+    The encoder otherwise learns its embeddings from scratch in a few meta-training epochs; the
+    cloud model's were trained on every user's cloud history. Returns the names of the copied
+    encoder tensors (a shape mismatch — a different ``emb_dim`` — leaves that table as it was).
+    """
+    base = getattr(model, "base", model)
+    pairs = [("item_emb.weight", getattr(base, "item_emb", None))]
+    pairs += [(f"profile_emb.{j}.weight", emb) for j, emb in enumerate(getattr(base, "profile_emb", []))]
+    own = dict(encoder.named_parameters())
+    copied = []
+    with torch.no_grad():
+        for name, src in pairs:
+            if src is not None and name in own and own[name].shape == src.weight.shape:
+                own[name].copy_(src.weight)
+                copied.append(name)
+    return copied
+
+
 def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch.Tensor, user_seq: torch.Tensor,
                cfg: MetaTrainConfig, seed: int = 0, progress=None) -> list[float]:
     """Train Θ (model.shared_parameters) and the encoder; returns the mean query loss per epoch."""
     n_users = user_profile.shape[0]
+    if cfg.encoder_from_cloud:
+        init_encoder_from_cloud(encoder, model)
     rng = np.random.default_rng(seed)
     sup_groups, qry_groups = _by_owner(support, n_users), _by_owner(query, n_users)
     users_all = np.array([u for u in range(n_users) if len(sup_groups[u]) and len(qry_groups[u])])

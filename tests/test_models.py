@@ -265,3 +265,22 @@ def test_kd_balance_gives_every_device_model_the_same_weight():
     assert runs[0.0] != runs[1.0], "the weights reach the loss"
     with pytest.raises(ValueError, match="kd_balance = 1.5"):
         MoMoDistillConfig(kd_balance=1.5)
+
+
+def test_encoder_from_cloud_starts_meta_training_from_the_cloud_models_embeddings():
+    from cloud_trainer.patch_generator import init_encoder_from_cloud
+
+    m = tiny()
+    enc = PatchEncoder(EncoderConfig(n_items=N_ITEMS, profile_vocab=[4, 3], phi_dim=6, emb_dim=8, profile_dim=4,
+                                     hidden=8))
+    base = m.base
+    copied = init_encoder_from_cloud(enc, m)
+    assert "item_emb.weight" in copied and torch.equal(enc.item_emb.weight, base.item_emb.weight)
+    for j, emb in enumerate(base.profile_emb):
+        if emb.weight.shape == enc.profile_emb[j].weight.shape:
+            assert f"profile_emb.{j}.weight" in copied and torch.equal(enc.profile_emb[j].weight, emb.weight)
+    other = PatchEncoder(EncoderConfig(n_items=N_ITEMS, profile_vocab=[4, 3], phi_dim=6, emb_dim=5, profile_dim=4,
+                                       hidden=8))
+    before = other.item_emb.weight.clone()
+    assert "item_emb.weight" not in init_encoder_from_cloud(other, m)  # another width: left as it was
+    assert torch.equal(other.item_emb.weight, before)
