@@ -89,6 +89,11 @@ class ExperimentConfig(BaseModel):
     # ML-100K (session 9) it kept round 0's balanced distillation on one seed where the grid's order
     # picked unbalanced λ 1, and MoMoDistill − model-over-data fell from +0.0037 to +0.0026 gAUC.
     momodistill_keep_incumbent: bool = False
+    # momodistill.step2_balance values tried on round 0's validation slices (seed 0) when DCCL runs:
+    # each replays step 2 on the replayed step-1 model and scores the devices' starting φ from the
+    # encoder (`experiment.tune_step2_balance`; one-SE rule, the first listed wins near-ties).
+    # Empty: keep momodistill.step2_balance as configured.
+    tune_step2_balance: list[float] = Field(default_factory=lambda: [0.0, 1.0])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)
@@ -124,6 +129,14 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(f"candidate {i}: kd_extra = {cand['kd_extra']:g} must be an integer")
             MoMoDistillConfig(**momodistill_setting(cand))
         return grid
+
+    @pydantic.field_validator("tune_step2_balance")
+    @classmethod
+    def _step2_balances(cls, values: list[float]) -> list[float]:
+        for i, v in enumerate(values):
+            if not 0 <= v <= 1:
+                raise ValueError(f"value {i} = {v:g} must be in [0, 1]")
+        return values
 
     def bundle_device(self) -> DeviceTrainConfig:
         """The device training settings on a new MoMoDistill bundle: `device` with `bundle_steps`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cloud_trainer.train import Batch, bce, concat, logits, minibatches, size, take, train_epoch, trainable_only
 
@@ -31,6 +32,9 @@ class MoMoDistillConfig:
     # (normalised to mean 1). 0: every row alike (the paper's Σ_n Σ_(x,y)∈D_n, dominated by active
     # devices); 1: every device model alike, however much data it holds ("model over models").
     kd_balance: float = 0.0
+    # The same for step 2 (Θ and the encoder distilled from the device models): 0 every row alike,
+    # 1 every device alike, so the few tail devices count as much as the active ones in Θ and g.
+    step2_balance: float = 0.0
     batch_size: int = 512
 
     def __post_init__(self):
@@ -40,6 +44,8 @@ class MoMoDistillConfig:
             raise ValueError(f"momodistill.kd_extra = {self.kd_extra}: must be >= 0")
         if not 0 <= self.kd_balance <= 1:
             raise ValueError(f"momodistill.kd_balance = {self.kd_balance}: must be in [0, 1]")
+        if not 0 <= self.step2_balance <= 1:
+            raise ValueError(f"momodistill.step2_balance = {self.step2_balance}: must be in [0, 1]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +111,7 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
     opt = torch.optim.Adam(params, lr=cfg.step2_lr)
     gen = torch.Generator().manual_seed(seed)
     soft = torch.sigmoid(teacher)
+    weight = device_balance(data["owner"], cfg.step2_balance) if cfg.step2_balance > 0 else None
     history = []
     with trainable_only(model, theta):
         for _ in range(cfg.step2_epochs):
@@ -114,7 +121,12 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
                 o = b["owner"]
                 phi = encoder(user_profile[o], user_seq[o], phi_table[o])  # (B, m)
                 out = model(b["item"], b["hist"], b["profile"], phi=phi)
-                loss = bce(out, soft[idx]) + cfg.label_weight * bce(out, b["label"])
+                if weight is None:
+                    loss = bce(out, soft[idx]) + cfg.label_weight * bce(out, b["label"])
+                else:
+                    rows = (F.binary_cross_entropy_with_logits(out, soft[idx], reduction="none")
+                            + cfg.label_weight * F.binary_cross_entropy_with_logits(out, b["label"], reduction="none"))
+                    loss = (weight[idx] * rows).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

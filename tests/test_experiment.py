@@ -115,6 +115,10 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
     bundle = res["tuning"]["bundle_device.steps"]
     assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
+    # Step 2's device balance, chosen on the same slices (the first listed unless another is clearly better).
+    s2 = res["tuning"]["momodistill.step2_balance"]
+    assert set(s2["val_gauc"]) == {"0", "1"} and res["config"]["momodistill"]["step2_balance"] == s2["chosen"]
+    assert s2["chosen"] == 0.0 or s2["val_gauc"]["1"] > s2["val_gauc"]["0"]
     # The upload session's budget on a MoMoDistill bundle, chosen on round 1's validation slices
     # (tune_upload_steps; off by default, and then not chosen: test_the_upload_session_...).
     upload = res["tuning"]["upload_device.steps"]
@@ -240,6 +244,9 @@ def test_same_seed_same_results(tiny_ds):
     (["--set", 'tune_momodistill=[{"kd_extra":1}]'], "candidate 0 ({\"kd_extra\": 1.0}) has no lam"),
     (["--set", 'tune_momodistill=[{"lam":1,"kd_extra":1,"kd_balance":2}]'], "kd_balance = 2.0: must be in [0, 1]"),
     (["--set", "momodistill.kd_balance=-0.5"], "kd_balance = -0.5"),
+    (["--set", "tune_step2_balance=[0, 1.5]"], "value 1 = 1.5 must be in [0, 1]"),
+    (["--set", "momodistill.step2_balance=2"], "step2_balance = 2"),
+    (["--set", "meta.encoder_from_cloud=3"], "encoder_from_cloud"),
     (["--set", "data.bogus=1"], "data.bogus"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--dataset", "ml-100k", "--data", "/nonexistent/ml"], "/nonexistent/ml"),

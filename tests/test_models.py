@@ -267,6 +267,38 @@ def test_kd_balance_gives_every_device_model_the_same_weight():
         MoMoDistillConfig(kd_balance=1.5)
 
 
+def test_step2_balance_weighs_every_device_alike():
+    """step2_balance 1: step 2's loss is the mean over devices of each device's mean row loss (a tail
+    device counts as much as an active one); 0 (the default) the mean over rows, as before."""
+    from cloud_trainer.momodistill import device_balance
+
+    data = batch(120, n_owners=3, seed=5)
+    data["owner"] = torch.tensor([0] * 90 + [1] * 25 + [2] * 5)
+    phi = torch.randn(3, 6)
+    enc_cfg = EncoderConfig(n_items=N_ITEMS, profile_vocab=[4, 3], phi_dim=6, emb_dim=8, profile_dim=4, hidden=8)
+    first = {}
+    for bal in (0.0, 1.0):
+        m = tiny()
+        torch.manual_seed(0)
+        enc = PatchEncoder(enc_cfg)
+        teacher = device_logits(m, data, phi)
+        profile, seq = torch.randint(0, 3, (3, 2)), torch.randint(0, N_ITEMS + 1, (3, L))
+        cfg = MoMoDistillConfig(step2_epochs=1, step2_lr=0.0, step2_balance=bal, batch_size=1000)
+        first[bal] = step2(m, enc, data, teacher, phi, profile, seq, cfg)[0]
+        with torch.no_grad():
+            out = m(data["item"], data["hist"], data["profile"], phi=enc(profile[data["owner"]], seq[data["owner"]],
+                                                                      phi[data["owner"]]))
+            rows = (torch.nn.functional.binary_cross_entropy_with_logits(out, torch.sigmoid(teacher), reduction="none")
+                    + cfg.label_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                        out, data["label"], reduction="none"))
+        per_device = torch.stack([rows[data["owner"] == d].mean() for d in range(3)])
+        want = per_device.mean() if bal == 1.0 else rows.mean()
+        assert first[bal] == pytest.approx(float(want), rel=1e-5)
+    assert first[0.0] != pytest.approx(first[1.0])
+    with pytest.raises(ValueError, match="step2_balance = 1.5"):
+        MoMoDistillConfig(step2_balance=1.5)
+
+
 def test_encoder_from_cloud_starts_meta_training_from_the_cloud_models_embeddings():
     from cloud_trainer.patch_generator import init_encoder_from_cloud
 
