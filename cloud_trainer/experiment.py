@@ -197,7 +197,7 @@ def _replay_round0(ctx, m, uploaded, replayed: tuple | None = None) -> tuple:
 
 def tune_step2_balance(ctx, cfg, uploaded, replayed, evaluate_val) -> tuple[tuple, dict | None]:
     """Choose momodistill.step2_balance (from `cfg.tune_step2_balance`) on round 0's validation
-    slices: step 2 replayed for each value on the same step-1 model, each devices' starting φ from
+    slices: step 2 replayed for each value on the same step-1 model, each device's starting φ from
     the new encoder (warm: from its uploaded φ) scored on the new bundle. Step 2 shapes exactly that
     start, so it is judged there, before any on-device step. One-SE rule; the first value listed wins
     near-ties. Written to cfg.momodistill; returns the chosen value's bundle and the record (None
