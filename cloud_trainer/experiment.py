@@ -420,9 +420,35 @@ def table_markdown(results: dict, cfg) -> str:
               "|---|---|---|---|"]
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['comparison']} | {_fmt_ci(c)} | {'yes' if c['holds'] else 'no'} |")
+    lines += _choices_markdown(results.get("tuning", {}))
     if results.get("synthetic"):
         lines += ["", "_These numbers are on SYNTHETIC data._"]
     return "\n".join(lines)
+
+
+def _setting(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _choices_markdown(tuning: dict) -> list[str]:
+    """What tuning chose on the validation slices and each option's mean validation gAUC (results.json's
+    `tuning`), so a report shows what its numbers were run with."""
+    if not tuning:
+        return []
+    lines = ["", "Choices made on validation slices (seed 0, round 0 unless noted; one-SE rule), with each option's "
+             "validation gAUC:", ""]
+    for name, rec in tuning.items():
+        if name == "momodistill_each_round":
+            continue
+        options = "; ".join(f"{_setting(json.loads(k)) if str(k).startswith('{') else k}: {v:.5f}"
+                            for k, v in rec["val_gauc"].items())
+        lines.append(f"- {name}: **{_setting(rec['chosen'])}** ({options})")
+    for seed, rounds in tuning.get("momodistill_each_round", {}).items():
+        chosen = "; ".join(f"round {int(r) + 1}: {_setting(c['chosen'])}" for r, c in rounds.items())
+        lines.append(f"- momodistill, chosen anew (seed {seed}): {chosen}")
+    return lines
 
 
 def write_outputs(results: dict, out: Path) -> None:

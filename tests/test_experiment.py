@@ -125,7 +125,11 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     assert set(upload["val_gauc"]) == {0, 2} and res["config"]["upload_steps"] == upload["chosen"] in (0, 2)
     write_outputs(res, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["synthetic"] is True and "SYNTHETIC" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert saved["synthetic"] is True and "SYNTHETIC" in report
+    # The report shows what tuning chose, with every option's validation score.
+    assert f"- device.steps: **{res['tuning']['device.steps']['chosen']}** (0: " in report
+    assert "- momodistill, chosen anew (seed 0): round 2: " in report
     assert (tmp_path / "gauc_per_round.png").stat().st_size > 1000
     assert (tmp_path / "gain_by_activity_group.png").stat().st_size > 1000
 
