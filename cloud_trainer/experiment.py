@@ -437,8 +437,8 @@ def _choices_markdown(tuning: dict) -> list[str]:
     `tuning`), so a report shows what its numbers were run with."""
     if not tuning:
         return []
-    lines = ["", "Choices made on validation slices (seed 0; round 0's slices, upload_device.steps round 2's, "
-             "momodistill chosen anew each later round's of its seed; one-SE rule), with each option's "
+    lines = ["", "Choices made on validation slices (seed 0, round 1's slices; upload_device.steps on round 2's; "
+             "momodistill chosen anew on each later round's slices of each seed; one-SE rule), with each option's "
              "validation gAUC:", ""]
     for name, rec in tuning.items():
         if name == "momodistill_each_round":
