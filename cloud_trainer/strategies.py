@@ -121,7 +121,12 @@ class MetaPatch(Strategy):
 
     def run_round(self, ctx, r, report):
         rd = ctx.rounds[r]
-        phi0 = start_phi(self.encoder, ctx, r, self.phi)
+        # Device only: the bundle never changes, so only round 0 starts from the encoder (a cold φ);
+        # later rounds continue from each device's own φ, as a board's agent does on the bundle it
+        # holds (it re-encodes only when its bundle changes). The start policy chosen for DCCL's new
+        # bundles does not apply here: with φ_prev ≠ 0 it would run the encoder's φ_prev path, which
+        # only MoMoDistill's step 2 trains — meta-training feeds it zeros, so here it is random init.
+        phi0 = start_phi(self.encoder, ctx, r, self.phi) if r == 0 else self.phi
         self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
         report("metapatch", device_scorer(self.model, ctx.ds.profile, self.phi))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from cloud_trainer.config import build_config
@@ -144,6 +145,30 @@ def test_devices_on_a_new_bundle_train_with_the_bundle_budget(tiny_ds):
     # ... while the upload session trained (3 steps): its models differ from the bundle they hold.
     assert res["dccl-upload"]["rounds"][0]["overall"] != res["bundle-in"]["rounds"][0]["overall"]
     assert tiny_config(tune=False).bundle_device().steps == tiny_config(tune=False).device.steps
+
+
+def test_metapatch_devices_continue_from_their_own_phi_on_the_bundle_they_keep(tiny_ds, monkeypatch):
+    """MetaPatch alone never gets a new bundle: round 0 starts from the encoder's cold φ, round 1 from
+    the φ each device ended round 0 with, whatever start policy DCCL's new bundles use."""
+    import cloud_trainer.strategies as S
+
+    starts, ends = [], []
+
+    def recording(model, phi0, train, val, cfg, **kw):
+        out = personalize_all(model, phi0, train, val, cfg, **kw)
+        starts.append(phi0.clone())
+        ends.append(out[0].clone())
+        return out
+
+    personalize_all = S.personalize_all
+    monkeypatch.setattr(S, "personalize_all", recording)
+    cfg = tiny_config(strategies=["metapatch"], tune=False, **{"device.steps": 3, "start.warm": "encoder"})
+    run_experiment(cfg, tiny_ds, progress=False)
+    assert len(starts) == 2 * cfg.seeds
+    for seed in range(cfg.seeds):
+        r0_start, r0_end, r1_start = starts[2 * seed], ends[2 * seed], starts[2 * seed + 1]
+        assert r0_start.abs().sum() > 0 and not torch.equal(r0_start, r0_end)  # encoder start, then trained
+        assert torch.equal(r1_start, r0_end)
 
 
 def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, monkeypatch):
