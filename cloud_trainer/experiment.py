@@ -178,18 +178,18 @@ def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
     return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
-def _replay_round0(ctx, m, uploaded, replayed: tuple | None = None) -> tuple:
-    """Round 0 of DCCL replayed without the validation slices, with MoMoDistill settings `m`: step 1
-    (as MoMoDistill's tuning already ran it for the chosen settings, `replayed`, else now) and step 2
-    on the fresh windows minus the validation slices, taught by the device models `uploaded`. Returns
-    the new bundle (model, encoder) — the bundle every choice about devices on a new bundle is judged
-    on. The replayed step-1 model is copied, so one replay serves several step-2 settings."""
+def _replay_round0(ctx, m, uploaded, replayed: tuple) -> tuple:
+    """Round 0 of DCCL replayed without the validation slices, with MoMoDistill settings `m`: on
+    step 1's replay (`replayed`: the model after step 1 and the teachers' logits, `replay_step1`),
+    step 2 on the fresh windows minus the validation slices, taught by the device models `uploaded`.
+    Returns the new bundle (model, encoder) — the bundle every choice about devices on a new bundle
+    is judged on. The replayed step-1 model is copied, so one replay serves several step-2 settings."""
     import copy
 
     from cloud_trainer.momodistill import step2
 
     rd = ctx.rounds[0]
-    model, teacher = replayed if replayed is not None else replay_step1(ctx, ctx.model, 0, uploaded, m, seed=ctx.seed)
+    model, teacher = replayed
     model, encoder = copy.deepcopy(model), copy.deepcopy(ctx.encoder)
     step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
     return model, encoder
@@ -202,24 +202,21 @@ def tune_step2_balance(ctx, cfg, uploaded, replayed, evaluate_val) -> tuple[tupl
     start, so it is judged there, before any on-device step. One-SE rule; the first value listed wins
     near-ties. Written to cfg.momodistill; returns the chosen value's bundle and the record (None
     when nothing was tried)."""
-    import copy
     from dataclasses import replace
 
-    from cloud_trainer.patch_generator import encode_phi
     from cloud_trainer.strategies import device_scorer
 
+    if replayed is None:  # step 1 with the configured settings (MoMoDistill's tuning did not run it)
+        replayed = replay_step1(ctx, ctx.model, 0, uploaded, cfg.momodistill, seed=ctx.seed)
     values = list(dict.fromkeys(cfg.tune_step2_balance))
     if not values:
         return _replay_round0(ctx, cfg.momodistill, uploaded, replayed), None
-    if replayed is None:
-        replayed = replay_step1(ctx, ctx.model, 0, uploaded, cfg.momodistill, seed=ctx.seed)
     rd = ctx.rounds[0]
     bundles, scores = {}, {}
     for v in values:
         model, encoder = _replay_round0(ctx, replace(cfg.momodistill, step2_balance=v), uploaded, replayed)
-        probe = copy.deepcopy(encoder)  # scored from the encoder's φ, whatever start policy is set
-        probe.config.start_warm = probe.config.start_cold = "encoder"
-        phi = encode_phi(probe, ctx.profile, rd.val_seq, uploaded)
+        with torch.no_grad():  # the raw g: the encoder's φ, whatever start policy is set
+            phi = encoder(ctx.profile, rd.val_seq, uploaded)
         bundles[f"{v:g}"] = (model, encoder)
         scores[f"{v:g}"] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
     best = choose_within_noise(scores)
