@@ -95,6 +95,12 @@ class ExperimentConfig(BaseModel):
     # Empty: keep momodistill.step2_balance as configured. On ML-100K validation chose 1 (0.87443
     # against 0.87412; README, session 11).
     tune_step2_balance: list[float] = Field(default_factory=lambda: [0.0, 1.0])
+    # momodistill.step2_target values tried on the same replays (with each balance; `experiment.tune_step2`)
+    # and, with momodistill_each_round, anew in every later round on that round's slices
+    # (`strategies.choose_step2_target`). "device" (the paper's: distil f_n itself) is listed first, so
+    # "delta" (distil the device's shift on top of the new cloud model) must be clearly better.
+    # Empty: keep momodistill.step2_target as configured.
+    tune_step2_target: list[Literal["device", "delta"]] = Field(default_factory=lambda: ["device", "delta"])
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     metapatch: MetaPatchConfig = field(default_factory=MetaPatchConfig)

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,9 +150,9 @@ def tune(ctx, cfg) -> dict:
         replayed = None
         if cfg.tune_momodistill:
             out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded)
-        bundle, record = tune_step2_balance(ctx, cfg, uploaded, replayed, evaluate_val)
+        bundle, record = tune_step2(ctx, cfg, uploaded, replayed)
         if record is not None:
-            out["momodistill.step2_balance"] = record
+            out["momodistill.step2"] = record
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
         if cfg.tune_upload_steps and len(ctx.rounds) > 1:
@@ -178,50 +179,43 @@ def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
     return {"chosen": best, "val_gauc": mean_scores(scores)}
 
 
-def _replay_round0(ctx, m, uploaded, replayed: tuple) -> tuple:
-    """Round 0 of DCCL replayed without the validation slices, with MoMoDistill settings `m`: on
-    step 1's replay (`replayed`: the model after step 1 and the teachers' logits, `replay_step1`),
-    step 2 on the fresh windows minus the validation slices, taught by the device models `uploaded`.
-    Returns the new bundle (model, encoder) — the bundle every choice about devices on a new bundle
-    is judged on. The replayed step-1 model is copied, so one replay serves several step-2 settings."""
-    import copy
+def tune_step2(ctx, cfg, uploaded, replayed) -> tuple[tuple, dict | None]:
+    """Choose step 2's settings — momodistill.step2_balance (from `cfg.tune_step2_balance`) and
+    step2_target (from `cfg.tune_step2_target`) — on round 0's validation slices: on step 1's replay
+    (`replayed`, from the stale model), step 2 replayed for each pair on the fresh windows minus the
+    validation slices (`strategies.replay_step2`), each device's starting φ from the new encoder (warm:
+    from its uploaded φ) scored on the new bundle. Step 2 shapes exactly that start, so it is judged
+    there, before any on-device step; the start policy is chosen after, so this scores the raw encoder.
+    One-SE rule; the pair listed first (balance, then target) wins near-ties. Written to
+    cfg.momodistill; returns the chosen pair's bundle — the bundle every choice about devices on a new
+    bundle is judged on — and the record (None when at most one pair was possible)."""
+    from itertools import product
 
-    from cloud_trainer.momodistill import step2
-
-    rd = ctx.rounds[0]
-    model, teacher = replayed
-    model, encoder = copy.deepcopy(model), copy.deepcopy(ctx.encoder)
-    step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m, seed=ctx.seed)
-    return model, encoder
-
-
-def tune_step2_balance(ctx, cfg, uploaded, replayed, evaluate_val) -> tuple[tuple, dict | None]:
-    """Choose momodistill.step2_balance (from `cfg.tune_step2_balance`) on round 0's validation
-    slices: step 2 replayed for each value on the same step-1 model, each device's starting φ from
-    the new encoder (warm: from its uploaded φ) scored on the new bundle. Step 2 shapes exactly that
-    start, so it is judged there, before any on-device step. One-SE rule; the first value listed wins
-    near-ties. Written to cfg.momodistill; returns the chosen value's bundle and the record (None
-    when nothing was tried)."""
-    from dataclasses import replace
-
-    from cloud_trainer.strategies import device_scorer
+    from cloud_trainer.strategies import device_scorer, replay_step2
 
     if replayed is None:  # step 1 with the configured settings (MoMoDistill's tuning did not run it)
         replayed = replay_step1(ctx, ctx.model, 0, uploaded, cfg.momodistill, seed=ctx.seed)
-    values = list(dict.fromkeys(cfg.tune_step2_balance))
-    if not values:
-        return _replay_round0(ctx, cfg.momodistill, uploaded, replayed), None
-    rd = ctx.rounds[0]
+    m = cfg.momodistill
+    pairs = list(product(dict.fromkeys(cfg.tune_step2_balance or [m.step2_balance]),
+                         dict.fromkeys(cfg.tune_step2_target or [m.step2_target])))
+    rd, evaluate_val = ctx.rounds[0], validation_gauc(ctx, 0)
     bundles, scores = {}, {}
-    for v in values:
-        model, encoder = _replay_round0(ctx, replace(cfg.momodistill, step2_balance=v), uploaded, replayed)
-        with torch.no_grad():  # the raw g: the encoder's φ, whatever start policy is set
-            phi = encoder(ctx.profile, rd.val_seq, uploaded)
-        bundles[f"{v:g}"] = (model, encoder)
-        scores[f"{v:g}"] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
+    for v, t in pairs:
+        setting = replace(m, step2_balance=float(v), step2_target=t)
+        key = json.dumps({"step2_balance": float(v), "step2_target": t})
+        bundles[key] = replay_step2(ctx, 0, ctx.model, ctx.encoder, replayed, uploaded, setting, seed=ctx.seed)
+        if len(pairs) > 1:
+            model, encoder = bundles[key]
+            with torch.no_grad():  # the raw g: the encoder's φ, whatever start policy is set
+                phi = encoder(ctx.profile, rd.val_seq, uploaded)
+            scores[key] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
+    if len(pairs) == 1:
+        m.step2_balance, m.step2_target = float(pairs[0][0]), pairs[0][1]
+        return next(iter(bundles.values())), None
     best = choose_within_noise(scores)
-    cfg.momodistill.step2_balance = float(best)
-    return bundles[best], {"chosen": float(best), "val_gauc": mean_scores(scores)}
+    chosen = json.loads(best)
+    m.step2_balance, m.step2_target = chosen["step2_balance"], chosen["step2_target"]
+    return bundles[best], {"chosen": chosen, "val_gauc": mean_scores(scores)}
 
 
 def tune_start(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
@@ -444,7 +438,9 @@ def _choices_markdown(tuning: dict) -> list[str]:
                             for k, v in rec["val_gauc"].items())
         lines.append(f"- {name}: **{_setting(rec['chosen'])}** ({options})")
     for seed, rounds in tuning.get("momodistill_each_round", {}).items():
-        chosen = "; ".join(f"round {int(r) + 1}: {_setting(c['chosen'])}" for r, c in rounds.items())
+        chosen = "; ".join(f"round {int(r) + 1}: {_setting(c['chosen'])}"
+                           + (f", step-2 target {c['step2_target']['chosen']}" if "step2_target" in c else "")
+                           for r, c in rounds.items())
         lines.append(f"- momodistill, chosen anew (seed {seed}): {chosen}")
     return lines
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from cloud_trainer.train import Batch, bce, concat, logits, minibatches, size, take, train_epoch, trainable_only
 
 
+STEP2_TARGETS = ("device", "delta")
+
+
 @dataclass
 class MoMoDistillConfig:
     lam: float = 1.0  # λ: weight of distillation from the device models in step 1
@@ -35,6 +38,12 @@ class MoMoDistillConfig:
     # The same for step 2 (Θ and the encoder distilled from the device models): 0 every row alike,
     # 1 every device alike, so the few tail devices count as much as the active ones in Θ and g.
     step2_balance: float = 0.0
+    # What step 2 distils. "device": each device model's own output f_n(x) (the paper). "delta": the new
+    # cloud model's output plus what the device added to the model it trained on,
+    # f(x; W_f) + (f_n(x) − f(x; W_f⁻)) in logits (W_f⁻: the cloud model before step 1) — the personal
+    # part of f_n, moved onto the cloud model step 1 has just improved. With "device", step 2 also pulls
+    # the patched model back towards the old cloud model wherever step 1 improved on it.
+    step2_target: str = "device"
     batch_size: int = 512
 
     def __post_init__(self):
@@ -46,6 +55,8 @@ class MoMoDistillConfig:
             raise ValueError(f"momodistill.kd_balance = {self.kd_balance}: must be in [0, 1]")
         if not 0 <= self.step2_balance <= 1:
             raise ValueError(f"momodistill.step2_balance = {self.step2_balance}: must be in [0, 1]")
+        if self.step2_target not in STEP2_TARGETS:
+            raise ValueError(f"momodistill.step2_target = {self.step2_target!r}: must be one of {', '.join(STEP2_TARGETS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,11 +116,20 @@ def device_balance(owner: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,
-          user_profile: torch.Tensor, user_seq: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0) -> list[float]:
+          user_profile: torch.Tensor, user_seq: torch.Tensor, cfg: MoMoDistillConfig, seed: int = 0,
+          before: torch.Tensor | None = None) -> list[float]:
+    """Θ and the encoder g learn, with W_f fixed, to reproduce the device models (`teacher`: their
+    logits on `data`) through the proxy f(·; W_f, Θ, g(profile, sequence, φ_n)), beside the labels.
+    With step2_target "delta", `before` holds the cloud model's logits on `data` (zero φ) from before
+    step 1 moved W_f, and the target is the current cloud logit plus the device's own shift."""
     theta = list(model.shared_parameters().values())
     params = theta + list(encoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.step2_lr)
     gen = torch.Generator().manual_seed(seed)
+    if cfg.step2_target == "delta":
+        if before is None:
+            raise ValueError("step2_target 'delta' needs the cloud model's logits from before step 1 (before=)")
+        teacher = teacher - before + logits(model, data)  # zero φ: the patches add nothing, Θ plays no part
     soft = torch.sigmoid(teacher)
     weight = device_balance(data["owner"], cfg.step2_balance) if cfg.step2_balance > 0 else None
     history = []

@@ -163,12 +163,20 @@ class DCCL(Strategy):
                                         incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None)
             m, self.incumbent = choice["config"], choice["chosen"]
             self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
+            if len(ctx.cfg.tune_step2_target) > 1:
+                # And what step 2 distils, on the same slices: step 2 replayed on the chosen replay.
+                target = choose_step2_target(ctx, r, self.model, self.encoder, choice["replay"], uploaded, m,
+                                             ctx.cfg.tune_step2_target, warm=True)
+                m = replace(m, step2_target=target["chosen"])
+                self.choices[str(r)]["step2_target"] = {"chosen": target["chosen"],
+                                                        "val_gauc": mean_scores(target["scores"])}
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
+        before = logits(self.model, rd.fresh) if m.step2_target == "delta" else None
         _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
         step2(self.model, self.encoder, rd.fresh, teacher, uploaded, ctx.profile, rd.seq, m,
-              seed=ctx.seed * 100 + r)
+              seed=ctx.seed * 100 + r, before=before)
         start = start_phi(self.encoder, ctx, r, uploaded)
         report("dccl-start", device_scorer(self.model, ctx.ds.profile, start))
         self.phi, _ = personalize_all(self.model, start, rd.fresh_train, rd.val, ctx.cfg.bundle_device())
@@ -240,6 +248,44 @@ def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, 
     key = choose_within_noise(scores)
     copy_, teacher, m_cfg = replays[key]
     return {"chosen": json.loads(key), "config": m_cfg, "scores": scores, "replay": (copy_, teacher)}
+
+
+def replay_step2(ctx: SeedContext, r: int, model_before, encoder, replay: tuple, uploaded: torch.Tensor,
+                 m_cfg, seed: int) -> tuple:
+    """MoMoDistill step 2 of round r with settings `m_cfg` on copies of step 1's replay (`replay`: the
+    model after step 1 and the teachers' logits, `replay_step1` from `model_before`) and of `encoder`,
+    on the fresh windows minus the validation slices: the bundle (model, encoder) that round would
+    ship, for choices judged on those slices. One replay of step 1 serves several step-2 settings."""
+    rd = ctx.rounds[r]
+    model, teacher = replay
+    model, encoder = copy.deepcopy(model), copy.deepcopy(encoder)
+    before = logits(model_before, rd.fresh_train) if m_cfg.step2_target == "delta" else None
+    step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m_cfg, seed=seed, before=before)
+    return model, encoder
+
+
+def choose_step2_target(ctx: SeedContext, r: int, model_before, encoder, replay: tuple, uploaded: torch.Tensor,
+                        m_cfg, targets: list[str], warm: bool) -> dict:
+    """Choose momodistill.step2_target for round r on its validation slices: step 2 replayed with each
+    target (`replay_step2`), each device's starting φ on the replayed bundle scored there — the start
+    policy's φ (`warm`: the policy is already chosen) or the raw encoder's (round 0's tuning, before the
+    policy is chosen). One-SE rule; the first target listed wins near-ties. Returns {"chosen", "scores",
+    "bundles": target -> (model, encoder)}."""
+    rd = ctx.rounds[r]
+    evaluate_val = validation_gauc(ctx, r)
+    scores, bundles = {}, {}
+    for t in dict.fromkeys(targets):
+        model, enc = replay_step2(ctx, r, model_before, encoder, replay, uploaded, replace(m_cfg, step2_target=t),
+                                  seed=ctx.seed * 100 + r)
+        if warm:
+            phi = encode_phi(enc, ctx.profile, rd.val_seq, uploaded)
+        else:
+            with torch.no_grad():
+                phi = enc(ctx.profile, rd.val_seq, uploaded)
+        bundles[t] = (model, enc)
+        scores[t] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
+    best = choose_within_noise(scores)
+    return {"chosen": best, "scores": scores, "bundles": bundles}
 
 
 def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],

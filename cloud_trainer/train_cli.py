@@ -44,7 +44,8 @@ def run(args) -> int:
         print(f"tuned on validation slices: device steps {cfg.device.steps} (on a new MoMoDistill bundle: "
               f"{cfg.bundle_device().steps}; uploading from one in later rounds: {cfg.upload_device(1).steps}), "
               f"MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
-              f"{cfg.momodistill.kd_balance:g} step-2 balance {cfg.momodistill.step2_balance:g}, starting φ: {cfg.start.warm} "
+              f"{cfg.momodistill.kd_balance:g} step-2 balance {cfg.momodistill.step2_balance:g} target "
+              f"{cfg.momodistill.step2_target}, starting φ: {cfg.start.warm} "
               f"(cold start: {cfg.start.cold})", file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())
     path = save_checkpoint(args.out, ctx.model, ctx.encoder, step=steps, round=0,

@@ -116,10 +116,14 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
     bundle = res["tuning"]["bundle_device.steps"]
     assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
-    # Step 2's device balance, chosen on the same slices (the first listed unless another is clearly better).
-    s2 = res["tuning"]["momodistill.step2_balance"]
-    assert set(s2["val_gauc"]) == {"0", "1"} and res["config"]["momodistill"]["step2_balance"] == s2["chosen"]
-    assert s2["chosen"] == 0.0 or s2["val_gauc"]["1"] > s2["val_gauc"]["0"]
+    # Step 2's device balance and target, chosen on the same slices (the first pair listed unless another
+    # is clearly better), and used.
+    s2 = res["tuning"]["momodistill.step2"]
+    pairs = [json.loads(k) for k in s2["val_gauc"]]
+    assert pairs == [{"step2_balance": b, "step2_target": t} for b in (0.0, 1.0) for t in ("device", "delta")]
+    best = max(s2["val_gauc"], key=s2["val_gauc"].get)
+    assert pairs.index(s2["chosen"]) <= pairs.index(json.loads(best))
+    assert {k: res["config"]["momodistill"][k] for k in s2["chosen"]} == s2["chosen"]
     # The upload session's budget on a MoMoDistill bundle, chosen on round 1's validation slices
     # (tune_upload_steps; off by default, and then not chosen: test_the_upload_session_...).
     upload = res["tuning"]["upload_device.steps"]
@@ -211,6 +215,14 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
 
     step1 = S.step1
     monkeypatch.setattr(S, "step1", recording)
+    step2_runs = []
+
+    def recording2(model, encoder, data, teacher, phi, profile, seq, m, seed=0, before=None):
+        step2_runs.append((len(data["label"]), m.step2_target, before is not None))
+        return step2(model, encoder, data, teacher, phi, profile, seq, m, seed=seed, before=before)
+
+    step2 = S.step2
+    monkeypatch.setattr(S, "step2", recording2)
     cfg = tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_each_round=True)
     res = run_experiment(cfg, tiny_ds, progress=False)
     ctx = build_context(tiny_ds, cfg, 0)
@@ -224,6 +236,16 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
     assert len(runs) == 6 and runs[-3:] == [(fresh_train, 0.0, 0, 0.0), (fresh_train, 4.0, 1, 1.0), (fresh, *setting)]
     best = max(chosen["val_gauc"], key=chosen["val_gauc"].get)
     assert list(chosen["val_gauc"]).index(json.dumps(chosen["chosen"], sort_keys=True)) <= list(chosen["val_gauc"]).index(best)
+    # Step 2's target is chosen the same way after step 1's setting: both targets replayed on the
+    # chosen step-1 replay, then the real step 2 with the chosen one (a "delta" step 2 gets the cloud
+    # logits from before step 1). Round 0: tuning's 4 (balance, target) replays and DCCL's step 2.
+    target = chosen["step2_target"]
+    assert list(target["val_gauc"]) == ["device", "delta"]
+    best = max(target["val_gauc"], key=target["val_gauc"].get)
+    assert ["device", "delta"].index(target["chosen"]) <= ["device", "delta"].index(best)
+    assert len(step2_runs) == 8 and step2_runs[-3:] == [
+        (fresh_train, "device", False), (fresh_train, "delta", True), (fresh, target["chosen"], target["chosen"] == "delta")]
+    assert [r[1:] for r in step2_runs[:4]] == [("device", False), ("delta", True)] * 2
     # Off: no choice after round 0.
     runs.clear()
     res = run_experiment(tiny_config(strategies=["dccl"], tune_momodistill=grid, momodistill_each_round=False),
@@ -275,6 +297,8 @@ def test_same_seed_same_results(tiny_ds):
     (["--set", "momodistill.kd_balance=-0.5"], "kd_balance = -0.5"),
     (["--set", "tune_step2_balance=[0, 1.5]"], "value 1 = 1.5 must be in [0, 1]"),
     (["--set", "momodistill.step2_balance=2"], "step2_balance = 2"),
+    (["--set", 'tune_step2_target=["device", "x"]'], 'tune_step2_target.1 = "x": Input should be'),
+    (["--set", 'momodistill.step2_target="x"'], "step2_target = 'x': must be one of device, delta"),
     (["--set", "meta.encoder_from_cloud=3"], "encoder_from_cloud"),
     (["--set", "data.bogus=1"], "data.bogus"),
     (["--set", "nonsense"], "KEY=VALUE"),

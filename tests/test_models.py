@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +318,39 @@ def test_encoder_from_cloud_starts_meta_training_from_the_cloud_models_embedding
     before = other.item_emb.weight.clone()
     assert "item_emb.weight" not in init_encoder_from_cloud(other, m)  # another width: left as it was
     assert torch.equal(other.item_emb.weight, before)
+
+
+def test_step2_delta_target_is_the_new_cloud_model_plus_the_devices_shift():
+    """step2_target "delta": step 2 distils f(x; W_f) + (f_n(x) − f(x; W_f⁻)) — what each device added
+    to the cloud model it trained on, moved onto the cloud model step 1 produced. A device that added
+    nothing (f_n = the old cloud model) then teaches the new cloud model itself, not the old one."""
+    from cloud_trainer.train import logits
+
+    data = batch(120, n_owners=3, seed=5)
+    phi = torch.randn(3, 6)
+    enc_cfg = EncoderConfig(n_items=N_ITEMS, profile_vocab=[4, 3], phi_dim=6, emb_dim=8, profile_dim=4, hidden=8)
+    profile, seq = torch.randint(0, 3, (3, 2)), torch.randint(0, N_ITEMS + 1, (3, L))
+    m = tiny()
+    before = logits(m, data)
+    teacher = device_logits(m, data, phi)
+    step1(m, data, phi, MoMoDistillConfig(step1_epochs=2, lam=0.0, batch_size=32), N_ITEMS)
+    after = logits(m, data)
+    assert not torch.allclose(before, after)  # step 1 moved W_f
+    torch.manual_seed(0)
+    enc = PatchEncoder(enc_cfg)
+    cfg = MoMoDistillConfig(step2_epochs=1, step2_lr=0.0, step2_target="delta", batch_size=1000)
+    losses = []
+    for t, target in ((teacher, teacher - before + after), (before, after)):
+        losses.append(step2(m, enc, data, t, phi, profile, seq, cfg, before=before)[0])
+        with torch.no_grad():
+            out = m(data["item"], data["hist"], data["profile"],
+                    phi=enc(profile[data["owner"]], seq[data["owner"]], phi[data["owner"]]))
+            want = (torch.nn.functional.binary_cross_entropy_with_logits(out, torch.sigmoid(target))
+                    + cfg.label_weight * torch.nn.functional.binary_cross_entropy_with_logits(out, data["label"]))
+        assert losses[-1] == pytest.approx(float(want), rel=1e-5)
+    device_loss = step2(m, enc, data, teacher, phi, profile, seq, replace(cfg, step2_target="device"))[0]
+    assert device_loss != pytest.approx(losses[0])
+    with pytest.raises(ValueError, match="before"):
+        step2(m, enc, data, teacher, phi, profile, seq, cfg)
+    with pytest.raises(ValueError, match="step2_target = 'x'"):
+        MoMoDistillConfig(step2_target="x")
