@@ -20,16 +20,17 @@ future window.
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
 
+from cloud_trainer import strategies
 from cloud_trainer.config import build_config
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import per_user, score_eval_set
 from cloud_trainer.experiment import load_data, tune
 from cloud_trainer.personalize import per_owner_loss, personalize_all
-from cloud_trainer import strategies
 from cloud_trainer.strategies import DCCL, device_scorer
 
 
@@ -39,11 +40,8 @@ def main() -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--delta", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="config overrides KEY=JSON, as dccl experiment --set")
     a = p.parse_args()
-    import json
-
     over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     cfg = build_config({"dataset": a.dataset, "data_path": a.data, "rounds": a.rounds, **over})
     ds = load_data(cfg)
@@ -58,16 +56,6 @@ def main() -> None:
         return personalize_all(model, phi0, *args, **kw)
 
     strategies.personalize_all = recording
-    if a.delta:
-        from cloud_trainer.momodistill import step1
-        from cloud_trainer.train import logits
-
-        def step1_delta(model, data, phi_table, m, n_items, seed=0):
-            old = logits(model, data)
-            h, teacher = step1(model, data, phi_table, m, n_items, seed=seed)
-            return h, teacher - old + logits(model, data)
-
-        strategies.step1 = step1_delta
     dccl = DCCL()
     dccl.setup(ctx)
     for r in range(cfg.rounds):
