@@ -44,13 +44,6 @@ class MoMoDistillConfig:
     # part of f_n, moved onto the cloud model step 1 has just improved. With "device", step 2 also pulls
     # the patched model back towards the old cloud model wherever step 1 improved on it.
     step2_target: str = "device"
-    # Step 2: the fraction of rows whose φ_n the encoder does not see (it gets a zero φ_prev, as a
-    # cold-start device has): g then also learns to give a device's model from its profile and
-    # behaviour sequence alone, the path cold-start devices take. 0: g always sees φ_n (the paper).
-    # Off by default: on ML-100K 0.3 moved cold start from +0.0009 to +0.0016 gAUC over a zero φ, but
-    # the run's near-tie choices fell differently and MoMoDistill − model-over-data dropped (README,
-    # session 12); one run, no clear gain.
-    step2_cold: float = 0.0
     batch_size: int = 512
 
     def __post_init__(self):
@@ -62,8 +55,6 @@ class MoMoDistillConfig:
             raise ValueError(f"momodistill.kd_balance = {self.kd_balance}: must be in [0, 1]")
         if not 0 <= self.step2_balance <= 1:
             raise ValueError(f"momodistill.step2_balance = {self.step2_balance}: must be in [0, 1]")
-        if not 0 <= self.step2_cold < 1:
-            raise ValueError(f"momodistill.step2_cold = {self.step2_cold}: must be in [0, 1)")
         if self.step2_target not in STEP2_TARGETS:
             raise ValueError(f"momodistill.step2_target = {self.step2_target!r}: must be one of {', '.join(STEP2_TARGETS)}")
 
@@ -148,11 +139,7 @@ def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.T
             for idx in minibatches(size(data), cfg.batch_size, gen):
                 b = take(data, idx)
                 o = b["owner"]
-                prev = phi_table[o]
-                if cfg.step2_cold > 0:  # these rows' devices look cold to g
-                    hide = torch.rand(len(o), generator=gen) < cfg.step2_cold
-                    prev = torch.where(hide.unsqueeze(1), torch.zeros_like(prev), prev)
-                phi = encoder(user_profile[o], user_seq[o], prev)  # (B, m)
+                phi = encoder(user_profile[o], user_seq[o], phi_table[o])  # (B, m)
                 out = model(b["item"], b["hist"], b["profile"], phi=phi)
                 if weight is None:
                     loss = bce(out, soft[idx]) + cfg.label_weight * bce(out, b["label"])

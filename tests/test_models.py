@@ -354,31 +354,3 @@ def test_step2_delta_target_is_the_new_cloud_model_plus_the_devices_shift():
         step2(m, enc, data, teacher, phi, profile, seq, cfg)
     with pytest.raises(ValueError, match="step2_target = 'x'"):
         MoMoDistillConfig(step2_target="x")
-
-
-def test_step2_cold_hides_the_devices_phi_from_the_encoder():
-    """step2_cold: that fraction of step 2's rows reach g with a zero φ_prev, as a cold-start device's
-    do; nearly 1, step 2's loss is the one of an encoder that never sees φ_n."""
-    data = batch(120, n_owners=3, seed=5)
-    phi = torch.randn(3, 6)
-    enc_cfg = EncoderConfig(n_items=N_ITEMS, profile_vocab=[4, 3], phi_dim=6, emb_dim=8, profile_dim=4, hidden=8)
-    profile, seq = torch.randint(0, 3, (3, 2)), torch.randint(0, N_ITEMS + 1, (3, L))
-    m = tiny()
-    teacher = device_logits(m, data, phi)
-    torch.manual_seed(0)
-    enc = PatchEncoder(enc_cfg)
-    with torch.no_grad():  # a non-zero output layer, so g's output depends on φ_prev beyond the skip
-        enc.mlp[2].weight.normal_(std=0.5)
-    losses = {}
-    for cold in (0.0, 1 - 1e-9):
-        cfg = MoMoDistillConfig(step2_epochs=1, step2_lr=0.0, step2_cold=cold, batch_size=1000)
-        losses[cold] = step2(m, enc, data, teacher, phi, profile, seq, cfg)[0]
-    o = data["owner"]
-    with torch.no_grad():
-        for cold, prev in ((0.0, phi[o]), (1 - 1e-9, torch.zeros_like(phi[o]))):
-            out = m(data["item"], data["hist"], data["profile"], phi=enc(profile[o], seq[o], prev))
-            want = (torch.nn.functional.binary_cross_entropy_with_logits(out, torch.sigmoid(teacher))
-                    + cfg.label_weight * torch.nn.functional.binary_cross_entropy_with_logits(out, data["label"]))
-            assert losses[cold] == pytest.approx(float(want), rel=1e-5)
-    with pytest.raises(ValueError, match="step2_cold = 1"):
-        MoMoDistillConfig(step2_cold=1.0)
