@@ -91,7 +91,7 @@ class ExperimentConfig(BaseModel):
     momodistill_keep_incumbent: bool = False
     # momodistill.step2_balance values tried on round 0's validation slices (seed 0) when DCCL runs:
     # each replays step 2 on the replayed step-1 model and scores the devices' starting φ from the
-    # encoder (`experiment.tune_step2_balance`; one-SE rule, the first listed wins near-ties).
+    # encoder (`experiment.tune_step2`; one-SE rule, the first listed wins near-ties).
     # Empty: keep momodistill.step2_balance as configured. On ML-100K validation chose 1 (0.87443
     # against 0.87412; README, session 11).
     tune_step2_balance: list[float] = Field(default_factory=lambda: [0.0, 1.0])
