@@ -83,7 +83,7 @@ def main() -> None:
         warm = ~got["dccl"]["cold"]
         grp = got["dccl"]["group"]
         uid = got["dccl"]["user"]
-        print(f"\nround {r}: future gAUC by quintile (warm users)")
+        print(f"\nround {r + 1}: future gAUC by quintile (warm users)")
         print("  " + " ".join(f"{k:>12s}" for k in ("quintile", "momodistill", "dccl-start", "dccl", "best-of-3",
                                                      "→zero", "train pos", "val pos")))
         for g in range(5):
