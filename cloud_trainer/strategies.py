@@ -166,7 +166,7 @@ class DCCL(Strategy):
             if len(ctx.cfg.tune_step2_target) > 1:
                 # And what step 2 distils, on the same slices: step 2 replayed on the chosen replay.
                 target = choose_step2_target(ctx, r, self.model, self.encoder, choice["replay"], uploaded, m,
-                                             ctx.cfg.tune_step2_target, warm=True)
+                                             ctx.cfg.tune_step2_target)
                 m = replace(m, step2_target=target["chosen"])
                 self.choices[str(r)]["step2_target"] = {"chosen": target["chosen"],
                                                         "val_gauc": mean_scores(target["scores"])}
@@ -265,27 +265,19 @@ def replay_step2(ctx: SeedContext, r: int, model_before, encoder, replay: tuple,
 
 
 def choose_step2_target(ctx: SeedContext, r: int, model_before, encoder, replay: tuple, uploaded: torch.Tensor,
-                        m_cfg, targets: list[str], warm: bool) -> dict:
-    """Choose momodistill.step2_target for round r on its validation slices: step 2 replayed with each
-    target (`replay_step2`), each device's starting φ on the replayed bundle scored there — the start
-    policy's φ (`warm`: the policy is already chosen) or the raw encoder's (round 0's tuning, before the
-    policy is chosen). One-SE rule; the first target listed wins near-ties. Returns {"chosen", "scores",
-    "bundles": target -> (model, encoder)}."""
+                        m_cfg, targets: list[str]) -> dict:
+    """Choose momodistill.step2_target for round r >= 1 on its validation slices: step 2 replayed with
+    each target (`replay_step2`), each device's starting φ on the replayed bundle (the start policy the
+    bundle ships) scored there. One-SE rule; the first target listed wins near-ties. Returns
+    {"chosen", "scores"}. (Round 0's tuning chooses it with the balance: `experiment.tune_step2`.)"""
     rd = ctx.rounds[r]
     evaluate_val = validation_gauc(ctx, r)
-    scores, bundles = {}, {}
+    scores = {}
     for t in dict.fromkeys(targets):
         model, enc = replay_step2(ctx, r, model_before, encoder, replay, uploaded, replace(m_cfg, step2_target=t),
                                   seed=ctx.seed * 100 + r)
-        if warm:
-            phi = encode_phi(enc, ctx.profile, rd.val_seq, uploaded)
-        else:
-            with torch.no_grad():
-                phi = enc(ctx.profile, rd.val_seq, uploaded)
-        bundles[t] = (model, enc)
-        scores[t] = evaluate_val(device_scorer(model, ctx.ds.profile, phi))
-    best = choose_within_noise(scores)
-    return {"chosen": best, "scores": scores, "bundles": bundles}
+        scores[t] = evaluate_val(device_scorer(model, ctx.ds.profile, encode_phi(enc, ctx.profile, rd.val_seq, uploaded)))
+    return {"chosen": choose_within_noise(scores), "scores": scores}
 
 
 def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTrainConfig, steps_grid: list[int],
