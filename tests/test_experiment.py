@@ -100,6 +100,14 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
     # gain over stale (warm users, last round).
     (mp,) = [c for c in res["claims"] if c["claim"].endswith("(MetaPatch alone)")]
     assert mp["mean"] == res["strategies"]["metapatch"]["gain_vs"]["stale"]["overall"]["gauc"]["mean"]
+    # Tail − head, over the stale model and over model-over-data: dccl's gain on quintile 0 minus its gain
+    # on quintile 4, each the per-group paired gain the results report.
+    for base, suffix in (("stale", ""), ("model-over-data", " (over model-over-data)")):
+        (th,) = [c for c in res["claims"] if c["claim"] == "the gain on the tail group is at least the gain on the "
+                 "head group" + suffix]
+        g = res["strategies"]["dccl"]["gain_vs"][base]["groups"]
+        assert th["mean"] == pytest.approx(g["0"]["gauc"]["mean"] - g["4"]["gauc"]["mean"], abs=1e-12)
+        assert th["ci_low"] <= th["mean"] <= th["ci_high"] and th["holds"] == (th["ci_low"] > 0)
     # Round 0's devices start from the pretrained model, which is the stale one.
     assert res["strategies"]["bundle-in"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
