@@ -141,12 +141,11 @@ def tune(ctx, cfg) -> dict:
         cfg.full_patch_device.steps = best
         out["full_patch_device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
     if "dccl" in cfg.strategies:
-        # Round 0's device models (on the fresh windows minus their validation slices): the teachers
-        # of both choices below.
-        from cloud_trainer.personalize import personalize_all
+        # Round 0's device models (on the fresh windows minus their validation slices, blind to those
+        # slices: `blind_uploads`): the teachers of the choices below and the devices' previous φ.
+        from cloud_trainer.strategies import blind_uploads
 
-        rd = ctx.rounds[0]
-        uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+        uploaded = blind_uploads(ctx.model, phi0, ctx.rounds[0], cfg.device)
         replayed = None
         if cfg.tune_momodistill:
             out["momodistill"], replayed = tune_momodistill(ctx, cfg, uploaded)

@@ -155,17 +155,20 @@ class DCCL(Strategy):
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
         report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
-        uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
+        phi0 = start_phi(self.encoder, ctx, r, self.phi)
+        uploaded, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, dev)
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
-            # MoMoDistill's setting chosen anew for this round, on its validation slices.
-            choice = choose_momodistill(ctx, self.model, r, uploaded, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
+            # MoMoDistill's setting chosen anew for this round, on its validation slices, with device
+            # models that have not read those slices (`blind_uploads`).
+            teachers = blind_uploads(self.model, phi0, rd, dev)
+            choice = choose_momodistill(ctx, self.model, r, teachers, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
                                         incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None)
             m, self.incumbent = choice["config"], choice["chosen"]
             self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
             if len(ctx.cfg.tune_step2_target) > 1:
                 # And what step 2 distils, on the same slices: step 2 replayed on the chosen replay.
-                target = choose_step2_target(ctx, r, self.model, self.encoder, choice["replay"], uploaded, m,
+                target = choose_step2_target(ctx, r, self.model, self.encoder, choice["replay"], teachers, m,
                                              ctx.cfg.tune_step2_target)
                 m = replace(m, step2_target=target["chosen"])
                 self.choices[str(r)]["step2_target"] = {"chosen": target["chosen"],
@@ -210,6 +213,16 @@ def validation_gauc(ctx: SeedContext, r: int):
     """Per-user gAUC on round r's validation slices of a scorer (for choices made on validation only)."""
     val = ctx.rounds[r].val_eval
     return lambda scorer: per_user(val, score_eval_set(val, scorer))["gauc"]
+
+
+def blind_uploads(model, phi0: torch.Tensor, rd, cfg: DeviceTrainConfig) -> torch.Tensor:
+    """The round's device models for choices judged on its validation slices: the upload session as
+    deployed (`cfg`'s budget on the fresh windows minus those slices; a device with no slice keeps its
+    start), but without the keep-if-worse check, which reads the slices' labels. A device model kept
+    because it did well on its slice would make distilling from it — or starting from it — look better on
+    that very slice: the choice would be judged on data it had already used."""
+    phi, _ = personalize_all(model, phi0, rd.fresh_train, rd.val, replace(cfg, keep_if_worse=False))
+    return phi
 
 
 def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg, seed: int) -> tuple:

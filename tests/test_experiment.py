@@ -271,6 +271,48 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
         assert json.loads(list(res["tuning"]["momodistill_each_round"]["0"]["1"]["val_gauc"])[0]) == first
 
 
+def test_choices_on_validation_slices_are_taught_by_device_models_blind_to_them(tiny_ds, monkeypatch):
+    """The keep-if-worse check reads the validation slices' labels, so the deployed uploads have seen
+    them; the device models that teach (and start) the replays judged on those slices must not have:
+    `blind_uploads` trains as the upload session does and keeps every trained φ (a device without a
+    slice still keeps its start). Flipping the slices' labels moves the deployed uploads, never the
+    blind ones — and every MoMoDistill choice, round 0's and round 1's, is taught by the blind ones."""
+    import dataclasses
+
+    import cloud_trainer.experiment as E
+    import cloud_trainer.strategies as S
+    from cloud_trainer.context import build_context
+
+    cfg = tiny_config(strategies=["dccl"], tune=False, **{"device.steps": 4, "device.lr": 0.5})
+    ctx = build_context(tiny_ds, cfg, 0)
+    rd = ctx.rounds[0]
+    flipped = dataclasses.replace(rd, val={**rd.val, "label": 1.0 - rd.val["label"]})
+    phi0 = torch.zeros(ctx.n_users, ctx.model.phi_dim)
+    deployed = [S.personalize_all(ctx.model, phi0, d.fresh_train, d.val, cfg.device)[0] for d in (rd, flipped)]
+    blind = [S.blind_uploads(ctx.model, phi0, d, cfg.device) for d in (rd, flipped)]
+    assert not torch.equal(*deployed) and torch.equal(*blind)
+    has_val = torch.zeros(ctx.n_users, dtype=torch.bool)
+    has_val[rd.val["owner"]] = True
+    assert (~has_val).any() and (blind[0][~has_val] == 0).all() and (blind[0][has_val] != 0).any()
+
+    blinds, taught = [], []
+    blind_uploads, choose = S.blind_uploads, S.choose_momodistill
+
+    def recording_blind(*a, **kw):
+        blinds.append(blind_uploads(*a, **kw))
+        return blinds[-1]
+
+    def recording_choose(ctx, model, r, phi, *a, **kw):
+        taught.append(any(phi is b for b in blinds))
+        return choose(ctx, model, r, phi, *a, **kw)
+
+    monkeypatch.setattr(S, "blind_uploads", recording_blind)
+    monkeypatch.setattr(S, "choose_momodistill", recording_choose)
+    monkeypatch.setattr(E, "choose_momodistill", recording_choose)
+    run_experiment(tiny_config(strategies=["dccl"], momodistill_each_round=True), tiny_ds, progress=False)
+    assert taught == [True, True] and len(blinds) == 2  # round 0's tuning, round 1's choice
+
+
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
     """λ = 0 and no unlabelled candidates: step 1 is exactly the model-over-data update."""
     cfg = tiny_config(strategies=["model-over-data", "dccl"], tune=False, **{"momodistill.lam": 0.0})
