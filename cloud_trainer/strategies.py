@@ -28,6 +28,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from cloud_trainer import personalize as reference
 from cloud_trainer.checkpoint import build_model
 from cloud_trainer.config import momodistill_setting
 from cloud_trainer.context import SeedContext
@@ -220,8 +221,10 @@ def blind_uploads(model, phi0: torch.Tensor, rd, cfg: DeviceTrainConfig) -> torc
     deployed (`cfg`'s budget on the fresh windows minus those slices; a device with no slice keeps its
     start), but without the keep-if-worse check, which reads the slices' labels. A device model kept
     because it did well on its slice would make distilling from it — or starting from it — look better on
-    that very slice: the choice would be judged on data it had already used."""
-    phi, _ = personalize_all(model, phi0, rd.fresh_train, rd.val, replace(cfg, keep_if_worse=False))
+    that very slice: the choice would be judged on data it had already used. A replay by the cloud on
+    the pooled fresh data it holds, so always the PyTorch reference — never the fleet that `dccl
+    simulate` puts behind this module's `personalize_all`."""
+    phi, _ = reference.personalize_all(model, phi0, rd.fresh_train, rd.val, replace(cfg, keep_if_worse=False))
     return phi
 
 

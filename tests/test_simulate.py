@@ -152,6 +152,20 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
     assert c["stored"] == n and c["patches_made"] == n and not c["rejected"]
 
 
+def test_simulate_with_tuning_makes_each_rounds_choices_on_the_cloud(tmp_path):
+    """With tuning on, round 1 chooses MoMoDistill's setting and step 2's target on its validation
+    slices: the cloud replays the devices' session itself (blind to the slices, on the pooled data it
+    holds) — the fleet still trains exactly twice a round, and the choices are reported."""
+    from cloud_trainer.simulate.loop import SimOptions, Simulation
+
+    grid = [{"lam": 0.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}]
+    cfg, ds = _tiny(tune=True, tune_steps=[0, 2], tune_momodistill=grid, momodistill_each_round=True)
+    res = Simulation(cfg, ds, tmp_path / "run", SimOptions(pools=1)).run()
+    chosen = res["tuning"]["momodistill_each_round"]["1"]
+    assert chosen["chosen"] in grid and set(chosen["step2_target"]["val_gauc"]) == {"device", "delta"}
+    assert res["counts"]["stored"] == ds.n_users * cfg.rounds * 2
+
+
 def test_agent_killed_and_broker_restarted_mid_round_lose_no_patch(tmp_path):
     from cloud_trainer.simulate import report
     from cloud_trainer.simulate.loop import SimOptions, Simulation
