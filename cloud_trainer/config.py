@@ -74,7 +74,7 @@ class ExperimentConfig(BaseModel):
     # where the device models are worse teachers than the labels (Amazon Beauty: bench/probe_teachers.py).
     # kd_balance 1 (every device model weighing the same in the distillation term) is a candidate again
     # now that later rounds choose anew (momodistill_each_round): on ML-100K validation picks it in round
-    # 0 and labels only (λ = 0) in round 1, and MoMoDistill − model-over-data is +0.0045 gAUC (README,
+    # 0 and labels only (λ = 0) in round 1, and MoMoDistill − model-over-data is +0.0045 gAUC (EXPERIMENTS.md,
     # session 7). Chosen once for all rounds (session 6) it fell below model-over-data in round 2.
     tune_momodistill: list[dict[Literal["lam", "kd_extra", "kd_balance"], float]] = Field(default_factory=lambda: [
         {"lam": 1.0, "kd_extra": 0}, {"lam": 1.0, "kd_extra": 1}, {"lam": 1.0, "kd_extra": 1, "kd_balance": 1.0},
@@ -93,7 +93,7 @@ class ExperimentConfig(BaseModel):
     # each replays step 2 on the replayed step-1 model and scores the devices' starting φ from the
     # encoder (`experiment.tune_step2`; one-SE rule, the first listed wins near-ties).
     # Empty: keep momodistill.step2_balance as configured. On ML-100K validation chose 1 (0.87443
-    # against 0.87412; README, session 11).
+    # against 0.87412; docs/EXPERIMENTS.md, session 11).
     tune_step2_balance: list[float] = Field(default_factory=lambda: [0.0, 1.0])
     # momodistill.step2_target values tried on the same replays (with each balance; `experiment.tune_step2`)
     # and, with momodistill_each_round, anew in every later round on that round's slices
@@ -116,7 +116,7 @@ class ExperimentConfig(BaseModel):
     # validation slices after DCCL's round 0 (`experiment.tune_upload_steps`; needs rounds >= 2). Off by
     # default: the uploaded models are also step 1's teachers, and MoMoDistill's settings are chosen
     # with teachers trained device.steps. Measured once, on ML-100K together with kd_balance 1
-    # (README, session 6): validation chose 20 upload steps and the uploads beat the bundle they hold
+    # (docs/EXPERIMENTS.md, session 6): validation chose 20 upload steps and the uploads beat the bundle they hold
     # by +0.0013 gAUC; its effect on MoMoDistill was not measured apart from kd_balance's.
     upload_steps: int | None = Field(default=None, ge=0)
     tune_upload_steps: bool = False
