@@ -44,6 +44,11 @@ class RoundData:
     seq: torch.Tensor  # (U, L) each device's history at the end of its fresh window (encoder input)
     val_seq: torch.Tensor  # (U, L) its history before the validation slice (for choices made on it)
     train_count: torch.Tensor  # (U,) on-device training samples per device (FedAvg weights)
+    # A device that keeps the round-0 bundle (device-only strategies) trains on every interaction since
+    # it, as its agent does: every fresh window so far minus the newest val_frac (`split.since_round0`).
+    # Round 0: fresh_train and val themselves.
+    kept_train: Batch = None
+    kept_val: Batch = None
 
 
 @dataclass
@@ -83,15 +88,24 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
             return to_batch(build_ctr_samples(ds, w, which, neg=d.neg, max_len=d.max_len, seed=s), ds.profile)
 
         ft = ctr("fresh_train", 1000 * seed + 10 * r + 1)
+        val = ctr("val", 1000 * seed + 10 * r + 3)
+        kept_train, kept_val = ft, val
+        if r > 0:
+            kw = split.since_round0(r)
+            kept_train = to_batch(build_ctr_samples(ds, kw, "fresh_train", neg=d.neg, max_len=d.max_len,
+                                                    seed=1000 * seed + 10 * r + 4), ds.profile)
+            kept_val = to_batch(build_ctr_samples(ds, kw, "val", neg=d.neg, max_len=d.max_len,
+                                                  seed=1000 * seed + 10 * r + 5), ds.profile)
         rounds.append(RoundData(
             fresh=ctr("fresh", 1000 * seed + 10 * r + 2),
             fresh_train=ft,
-            val=ctr("val", 1000 * seed + 10 * r + 3),
+            val=val,
             future=build_eval_set(ds, w, "future", n_neg=d.eval_negatives, max_len=d.max_len, seed=seed),
             val_eval=build_eval_set(ds, w, "val", n_neg=d.eval_negatives, max_len=d.max_len, seed=seed + 7),
             seq=sequence_at(ds, w.future[:, 0], d.max_len),
             val_seq=sequence_at(ds, w.val[:, 0], d.max_len),
             train_count=torch.zeros(ds.n_users).index_add(0, ft["owner"], torch.ones(len(ft["owner"]))),
+            kept_train=kept_train, kept_val=kept_val,
         ))
     w0 = split.round(0)
     # The cloud history of round 0 as its per-user older (support) and newer (query) parts: the query imitates "fresh data after the bundle", the support "data before it".

@@ -104,7 +104,8 @@ class FullPatch(Strategy):
 
     def run_round(self, ctx, r, report):
         rd = ctx.rounds[r]
-        self.phi, _ = personalize_all(self.model, self.phi, rd.fresh_train, rd.val, ctx.cfg.full_patch_device)
+        # Device only, like MetaPatch below: every interaction since the bundle it keeps.
+        self.phi, _ = personalize_all(self.model, self.phi, rd.kept_train, rd.kept_val, ctx.cfg.full_patch_device)
         report("full-patch", device_scorer(self.model, ctx.ds.profile, self.phi))
 
 
@@ -127,8 +128,12 @@ class MetaPatch(Strategy):
         # holds (it re-encodes only when its bundle changes). The start policy chosen for DCCL's new
         # bundles does not apply here: with φ_prev ≠ 0 it would run the encoder's φ_prev path, which
         # only MoMoDistill's step 2 trains — meta-training feeds it zeros, so here it is random init.
+        # And, as that agent does, it trains on every interaction since the bundle (its manifest's
+        # `local_data.since` stays put): round r's samples are all fresh windows so far, the newest
+        # val_frac held out (`RoundData.kept_train`; DCCL's devices get a new bundle, and with it a new
+        # `since`, every round).
         phi0 = start_phi(self.encoder, ctx, r, self.phi) if r == 0 else self.phi
-        self.phi, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, ctx.cfg.device)
+        self.phi, _ = personalize_all(self.model, phi0, rd.kept_train, rd.kept_val, ctx.cfg.device)
         report("metapatch", device_scorer(self.model, ctx.ds.profile, self.phi))
 
 

@@ -266,6 +266,39 @@ def test_split_invariants(request, name, rounds):
     assert (sp.round(rounds - 1).future[:, 1] == n).all()   # the last future window ends the sequence
 
 
+@pytest.mark.parametrize("name", ["synth", "amazon"])
+def test_a_device_keeping_the_round0_bundle_trains_on_every_fresh_window_since_it(request, name):
+    """`since_round0(r)`: the local data of a device that still holds round 0's bundle is every fresh
+    window so far, [a_0, b_r), and its validation slice the newest part, sized by the rule the agent's
+    store applies to the same interactions (`edge_agent.pool.val_len`, checked against the store in
+    test_simulate); round 0's windows are round(0)'s."""
+    from edge_agent.pool import val_len
+
+    ds = request.getfixturevalue(name)
+    sp = make_split(ds, rounds=3, seed=5)
+    warm = sp.warm
+    w0 = sp.round(0)
+    k0 = sp.since_round0(0)
+    for win in ("fresh", "fresh_train", "val", "cloud", "future"):
+        assert (getattr(k0, win) == getattr(w0, win)).all()
+    for r in (1, 2):
+        w, k = sp.round(r), sp.since_round0(r)
+        assert (k.fresh[:, 0] == w0.fresh[:, 0]).all() and (k.fresh[:, 1] == w.fresh[:, 1]).all()
+        assert (k.fresh_train[:, 0] == k.fresh[:, 0]).all() and (k.fresh_train[:, 1] == k.val[:, 0]).all()
+        assert (k.val[:, 1] == k.fresh[:, 1]).all()
+        n = k.fresh[:, 1] - k.fresh[:, 0]
+        assert (n[warm] == (r + 1) * sp.fresh_len[warm]).all() and (n[sp.cold] == 0).all()
+        V = k.val[:, 1] - k.val[:, 0]
+        assert [int(v) for v in V[warm]] == [val_len(int(f), sp.val_frac) for f in n[warm]]
+        assert (V[sp.cold] == 0).all() and (k.cloud == w.cloud).all() and (k.future == w.future).all()
+    # Where one round's window holds no validation slice, the windows since the bundle can.
+    single = warm & (sp.fresh_len == 1)
+    if name == "amazon":
+        assert single.sum() > 0
+    assert (sp.val_len[single] == 0).all()
+    assert ((sp.since_round0(1).val[:, 1] - sp.since_round0(1).val[:, 0])[single] == 1).all()
+
+
 def test_split_groups_balanced_on_ml100k(ml100k):
     w = make_split(ml100k).round(0)
     sizes = np.bincount(w.group[~w.cold], minlength=5)

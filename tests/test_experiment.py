@@ -183,6 +183,55 @@ def test_metapatch_devices_continue_from_their_own_phi_on_the_bundle_they_keep(t
         assert torch.equal(r1_start, r0_end)
 
 
+@pytest.mark.parametrize("strategy", ["metapatch", "full-patch"])
+def test_device_only_strategies_train_on_every_interaction_since_the_bundle_they_keep(tiny_ds, strategy):
+    """A device-only strategy keeps round 0's bundle, so — as a board's agent does with the bundle's
+    `local_data.since` unchanged — round 1 trains on round 0's and round 1's fresh windows, the newest
+    part held out for validation (`split.since_round0`), not on round 1's window alone."""
+    import cloud_trainer.strategies as S
+    from cloud_trainer.context import build_context
+
+    cfg = tiny_config(strategies=[strategy], tune=False, **{"device.steps": 2, "full_patch_device.steps": 2})
+    ctx = build_context(tiny_ds, cfg, 0)
+    seen = []
+
+    def recording(model, phi0, train, val, dcfg, **kw):
+        seen.append((train, val))
+        return personalize_all(model, phi0, train, val, dcfg, **kw)
+
+    personalize_all = S.personalize_all
+    s = S.REGISTRY[strategy]()
+    s.setup(ctx)
+    S.personalize_all = recording
+    try:
+        for r in range(2):
+            s.run_round(ctx, r, lambda key, scorer: None)
+    finally:
+        S.personalize_all = personalize_all
+    assert len(seen) == 2
+    assert seen[0][0] is ctx.rounds[0].fresh_train and seen[0][1] is ctx.rounds[0].val
+
+    def positives(batch):   # {user: [items]} of the positive rows, in row order
+        out = {}
+        for u, i, y in zip(batch["owner"].tolist(), batch["item"].tolist(), batch["label"].tolist()):
+            if y == 1:
+                out.setdefault(u, []).append(i)
+        return out
+
+    kw = ctx.split.since_round0(1)
+    train, val = map(positives, seen[1])
+    warm = np.flatnonzero(ctx.split.warm)
+    assert sorted(train) == sorted(warm.tolist())
+    for u in warm:
+        seq = tiny_ds.sequences[u]
+        assert train[u] == list(seq[kw.fresh_train[u, 0]:kw.fresh_train[u, 1]])
+        assert val.get(u, []) == list(seq[kw.val[u, 0]:kw.val[u, 1]])
+        # round 0's whole window first, then round 1's
+        assert (train[u] + val.get(u, []))[: ctx.split.fresh_len[u]] == list(seq[ctx.split.round(0).fresh[u, 0]:
+                                                                                  ctx.split.round(0).fresh[u, 1]])
+    assert sum(map(len, train.values())) > len(positives(ctx.rounds[1].fresh_train)) and ctx.cfg.data.val_frac > 0
+
+
 def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, monkeypatch):
     """`upload_steps` is the upload session's budget from round 1 on (devices on a MoMoDistill
     bundle); round 0's upload session, on the stale model, keeps `device.steps`."""

@@ -16,7 +16,7 @@ because dropped users would change every metric's population.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,6 +87,17 @@ class DeploymentSplit:
             group=self.group[r], cold=self.cold,
         )
 
+    def since_round0(self, r: int) -> RoundWindows:
+        """Round r's windows for a device that still holds the round-0 bundle (device-only strategies,
+        whose cloud model never changes): its fresh window is every interaction since that bundle,
+        `[a_0, b_r)` — what a board's agent trains on with `train.window` "bundle", since the bundle's
+        `local_data.since` stays where it was — and its validation slice the newest `val_len` of that
+        window, as the agent's store holds out. Round 0's are `round(0)`'s."""
+        w, w0 = self.round(r), self.round(0)
+        a, b = w0.fresh[:, 0], w.fresh[:, 1]
+        v = val_len(b - a, self.val_frac)
+        return replace(w, fresh=np.stack([a, b], 1), fresh_train=np.stack([a, b - v], 1), val=np.stack([b - v, b], 1))
+
     def summary(self) -> str:
         w = self.warm
         return (
@@ -96,6 +107,17 @@ class DeploymentSplit:
             f"{int(np.median(self.cloud_len[w]))}/{int(np.median(self.fresh_len[w]))}/"
             f"{int(np.median(self.future_len[w]))}"
         )
+
+
+def val_len(F: np.ndarray, val_frac: float) -> np.ndarray:
+    """The validation slice of a window of F positives: round(val_frac·F), at least 1 if F >= 2 (so it
+    exists) and at most F - 1 (so the device keeps something to train on); 0 for an empty window. The
+    edge agent's store holds out the same number (`edge_agent.store.Store.training_arrays`)."""
+    F = np.asarray(F, np.int64)
+    V = np.round(val_frac * F).astype(np.int64)
+    if val_frac > 0:
+        V = np.maximum(V, np.minimum(1, F - 1))
+    return np.clip(np.minimum(V, F - 1), 0, None)
 
 
 def activity_group(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -151,12 +173,7 @@ def make_split(
     C = n - K * F - T
     assert (C >= 1).all()
 
-    # Validation slice: round(val_frac·F), at least 1 if F >= 2 (so it exists) and at most
-    # F - 1 (so the device keeps something to train on).
-    V = np.round(val_frac * F).astype(np.int64)
-    if val_frac > 0:
-        V = np.maximum(V, np.minimum(1, F - 1))
-    V = np.minimum(V, F - 1)
+    V = val_len(F, val_frac)
 
     rng = np.random.default_rng(seed)
     cold = np.zeros(ds.n_users, bool)
