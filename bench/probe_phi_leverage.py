@@ -31,7 +31,7 @@ from cloud_trainer.data import build_ctr_samples
 from cloud_trainer.evaluate import score_eval_set, summarize
 from cloud_trainer.experiment import load_data
 from cloud_trainer.personalize import DeviceTrainConfig, personalize_all
-from cloud_trainer.strategies import cloud_scorer, device_scorer, start_phi
+from cloud_trainer.strategies import blind_start_phi, cloud_scorer, device_scorer, start_phi
 from cloud_trainer.train import concat
 
 GRID = (1, 2, 3, 5, 8, 12, 20, 40)
@@ -52,15 +52,18 @@ def main() -> None:
         s = summarize(ev, score_eval_set(ev, scorer))
         return f"{s['overall']['gauc']:.4f} ({s['groups']['0']['gauc']:.4f} / {s['groups']['4']['gauc']:.4f})"
 
-    phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+    zero = torch.zeros(ctx.n_users, ctx.model.phi_dim)
+    # Scored on the validation slices: the encoder reads the history before them; on the future window,
+    # the whole history a device holds by then.
+    phi0_val, phi0 = blind_start_phi(ctx.encoder, ctx, 0, zero), start_phi(ctx.encoder, ctx, 0, zero)
     print(ds.summary())
     print(f"validation gAUC (tail / head): cloud model {gauc(rd.val_eval, cloud_scorer(ctx.model, ds.profile))}, "
-          f"encoder φ {gauc(rd.val_eval, device_scorer(ctx.model, ds.profile, phi0))}")
+          f"encoder φ {gauc(rd.val_eval, device_scorer(ctx.model, ds.profile, phi0_val))}")
 
     def sweep(name: str, train, ev) -> None:
         snaps: dict[int, torch.Tensor] = {}
         run = DeviceTrainConfig(steps=max(GRID), lr=a.lr, keep_if_worse=False, require_val=False)
-        personalize_all(ctx.model, phi0, train, None, run,
+        personalize_all(ctx.model, phi0 if ev is rd.future else phi0_val, train, None, run,
                         on_step=lambda s, phi: snaps.__setitem__(s, phi.clone()) if s in GRID else None)
         print(f"\n{name}:")
         for s in GRID:

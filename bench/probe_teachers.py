@@ -31,8 +31,7 @@ from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import score_eval_set, summarize
 from cloud_trainer.experiment import load_data
 from cloud_trainer.momodistill import step1
-from cloud_trainer.personalize import personalize_all
-from cloud_trainer.strategies import cloud_scorer, start_phi
+from cloud_trainer.strategies import blind_start_phi, blind_uploads, cloud_scorer
 
 
 def main() -> None:
@@ -47,8 +46,9 @@ def main() -> None:
     ds = load_data(cfg)
     ctx = build_context(ds, cfg, 0)
     rd = ctx.rounds[0]
-    phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
-    uploaded, _ = personalize_all(ctx.model, phi0, rd.fresh_train, rd.val, cfg.device)
+    # The teachers the experiment's choices use: blind to the validation slices (labels and items).
+    phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+    uploaded = blind_uploads(ctx.model, phi0, rd, cfg.device)
     perm = torch.randperm(ctx.n_users, generator=torch.Generator().manual_seed(0))
     teachers = {"device models": uploaded, "shuffled devices": uploaded[perm],
                 "bundle (φ = 0)": torch.zeros_like(uploaded)}

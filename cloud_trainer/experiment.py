@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
-from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, choose_momodistill, replay_step1, start_phi,
+from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill, replay_step1,
                                       tune_device_steps, validation_gauc)
 from dccl.errors import DcclError
 
@@ -130,7 +130,7 @@ def tune(ctx, cfg) -> dict:
     DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
     evaluate_val = validation_gauc(ctx, 0)
     out = {}
-    phi0 = start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+    phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
     out["device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
@@ -167,12 +167,12 @@ def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
     validation slices (one-SE rule): each device's newest interactions of round 1, which its upload
     session does not train on (it keeps them for keep-if-worse) and which precede round 1's future
     window. Round 0 never uses this budget. Written to `cfg.upload_steps`."""
-    from cloud_trainer.strategies import DCCL, start_phi, tune_device_steps
+    from cloud_trainer.strategies import DCCL
 
     dccl = DCCL()
     dccl.setup(ctx)
     dccl.run_round(ctx, 0, lambda key, scorer: None)
-    start = start_phi(dccl.encoder, ctx, 1, dccl.phi)
+    start = blind_start_phi(dccl.encoder, ctx, 1, dccl.phi)
     best, scores = tune_device_steps(ctx, dccl.model, start, cfg.device, cfg.tune_steps, evaluate_val_r1, r=1)
     cfg.upload_steps = best
     return {"chosen": best, "val_gauc": mean_scores(scores)}

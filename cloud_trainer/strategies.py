@@ -114,6 +114,13 @@ def start_phi(encoder, ctx: SeedContext, r: int, phi_prev: torch.Tensor) -> torc
     return encode_phi(encoder, ctx.profile, ctx.rounds[r].seq, phi_prev)
 
 
+def blind_start_phi(encoder, ctx: SeedContext, r: int, phi_prev: torch.Tensor) -> torch.Tensor:
+    """`start_phi` for choices judged on round r's validation slices: the encoder reads each device's
+    history *before* its slice (`RoundData.val_seq`). A device's history at the end of its fresh window
+    ends with the slice's items — the very positives those choices are scored on."""
+    return encode_phi(encoder, ctx.profile, ctx.rounds[r].val_seq, phi_prev)
+
+
 class MetaPatch(Strategy):
     name, keys = "metapatch", ("metapatch",)
 
@@ -167,7 +174,7 @@ class DCCL(Strategy):
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
             # MoMoDistill's setting chosen anew for this round, on its validation slices, with device
             # models that have not read those slices (`blind_uploads`).
-            teachers = blind_uploads(self.model, phi0, rd, dev)
+            teachers = blind_uploads(self.model, blind_start_phi(self.encoder, ctx, r, self.phi), rd, dev)
             choice = choose_momodistill(ctx, self.model, r, teachers, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
                                         incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None)
             m, self.incumbent = choice["config"], choice["chosen"]
@@ -224,7 +231,8 @@ def validation_gauc(ctx: SeedContext, r: int):
 def blind_uploads(model, phi0: torch.Tensor, rd, cfg: DeviceTrainConfig) -> torch.Tensor:
     """The round's device models for choices judged on its validation slices: the upload session as
     deployed (`cfg`'s budget on the fresh windows minus those slices; a device with no slice keeps its
-    start), but without the keep-if-worse check, which reads the slices' labels. A device model kept
+    start), but without the keep-if-worse check, which reads the slices' labels (and from a start
+    `phi0` that has not read the slices' items either: `blind_start_phi`). A device model kept
     because it did well on its slice would make distilling from it — or starting from it — look better on
     that very slice: the choice would be judged on data it had already used. A replay by the cloud on
     the pooled fresh data it holds, so always the PyTorch reference — never the fleet that `dccl

@@ -362,6 +362,76 @@ def test_choices_on_validation_slices_are_taught_by_device_models_blind_to_them(
     assert taught == [True, True] and len(blinds) == 2  # round 0's tuning, round 1's choice
 
 
+def test_choices_on_validation_slices_never_read_the_slices_items_as_history(tiny_ds, monkeypatch):
+    """A device's history at the end of its fresh window (`RoundData.seq`, what the deployed devices'
+    encoder reads) ends with its validation slice's items — the positives every choice is scored on.
+    Choices must start devices from the history before the slice (`blind_start_phi`): replacing what
+    comes after it changes the deployed starting φ but no score of round 0's tuning, nor of round 1's
+    MoMoDistill choice, nor any starting φ of the device models those choices train (a rank metric
+    on a tiny model can miss a small change of φ; the tensors cannot)."""
+    import cloud_trainer.experiment as E
+    import cloud_trainer.strategies as S
+    from cloud_trainer.context import build_context
+    from cloud_trainer.strategies import DCCL, start_phi
+
+    phi0s: list[torch.Tensor] = []
+    blind_uploads, tune_device_steps = S.blind_uploads, E.tune_device_steps
+
+    def recording_blind(model, phi0, *a, **kw):
+        phi0s.append(phi0.clone())
+        return blind_uploads(model, phi0, *a, **kw)
+
+    def recording_steps(ctx, model, phi0, *a, **kw):
+        phi0s.append(phi0.clone())
+        return tune_device_steps(ctx, model, phi0, *a, **kw)
+
+    monkeypatch.setattr(S, "blind_uploads", recording_blind)
+    monkeypatch.setattr(E, "tune_device_steps", recording_steps)
+    monkeypatch.setattr(S, "tune_device_steps", recording_steps)
+
+    def scrambled(seq):
+        return torch.randint(1, tiny_ds.n_items + 1, seq.shape, generator=torch.Generator().manual_seed(5))
+
+    def scores(record):   # every "val_gauc" in a tuning record, in order
+        if isinstance(record, dict):
+            return [v for k in sorted(record) for v in ([record[k]] if k == "val_gauc" else scores(record[k]))]
+        return []
+
+    def context(which):    # with round `which`'s history after the validation slices replaced
+        cfg = tiny_config(strategies=["dccl"], momodistill_each_round=True, **{"device.steps": 2})
+        ctx = build_context(tiny_ds, cfg, 0)
+        if which is not None:
+            ctx.rounds[which].seq = scrambled(ctx.rounds[which].seq)
+        return ctx, cfg
+
+    def same_starts(runs, n):
+        assert len(runs[0]) == len(runs[1]) == n
+        assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+    tuned, starts, runs = [], [], []
+    for which in (None, 0):     # round 0's tuning
+        ctx, cfg = context(which)
+        starts.append(start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim)))
+        phi0s.clear()
+        tuned.append(scores(E.tune(ctx, cfg)))
+        runs.append(list(phi0s))
+    assert not torch.equal(*starts)             # the deployed start does read that history
+    assert len(tuned[0]) >= 4 and tuned[0] == tuned[1]
+    same_starts(runs, 3)        # device steps, round 0's teachers, the budget on a new bundle
+    chosen, runs = [], []
+    for which in (None, 1):     # round 1's MoMoDistill choice (the config's settings otherwise)
+        ctx, cfg = context(which)
+        s = DCCL()
+        s.setup(ctx)
+        s.run_round(ctx, 0, lambda key, scorer: None)
+        phi0s.clear()
+        s.run_round(ctx, 1, lambda key, scorer: None)
+        chosen.append(s.choices["1"]["val_gauc"])
+        runs.append(list(phi0s))                # round 1's teachers
+    assert chosen[0] == chosen[1]
+    same_starts(runs, 1)
+
+
 def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
     """λ = 0 and no unlabelled candidates: step 1 is exactly the model-over-data update."""
     cfg = tiny_config(strategies=["model-over-data", "dccl"], tune=False, **{"momodistill.lam": 0.0})
