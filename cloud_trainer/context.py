@@ -47,8 +47,8 @@ class RoundData:
     # A device that keeps the round-0 bundle (device-only strategies) trains on every interaction since
     # it, as its agent does: every fresh window so far minus the newest val_frac (`split.since_round0`).
     # Round 0: fresh_train and val themselves.
-    kept_train: Batch = None
-    kept_val: Batch = None
+    kept_train: Batch
+    kept_val: Batch
 
 
 @dataclass
