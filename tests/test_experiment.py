@@ -61,6 +61,23 @@ def test_score_eval_set_scores_each_distinct_candidate_once(tiny_ds):
     assert sum(calls) == len({(u, i) for u, row in zip(ev.user, ev.candidates) for i in row})
 
 
+def test_tail_vs_head_holds_only_where_the_tail_gains():
+    """The tail-vs-head rows need a gain on the tail: where both groups lose, the tail losing less is
+    no gain (Amazon Beauty, session 14: −0.0004 on the tail, −0.0033 on the head, tail − head +0.0029
+    with its CI above zero — once marked as held)."""
+    from cloud_trainer.experiment import tail_claim
+
+    rng = np.random.default_rng(0)
+    tail_loses_less = {"mean": 0.003, "ci_low": 0.002, "ci_high": 0.004, "n": 600,
+                       "tail_gain": paired_ci(-0.0004 + 0.001 * rng.normal(size=300))}
+    assert tail_loses_less["tail_gain"]["ci_high"] < 0
+    assert not tail_claim("c", "cmp", tail_loses_less)["holds"]
+    tail_gains_more = {**tail_loses_less, "tail_gain": paired_ci(0.004 + 0.001 * rng.normal(size=300))}
+    assert tail_claim("c", "cmp", tail_gains_more)["holds"]
+    head_gains_more = {**tail_gains_more, "mean": -0.003, "ci_low": -0.004, "ci_high": -0.002}
+    assert not tail_claim("c", "cmp", head_gains_more)["holds"]
+
+
 def test_paired_ci():
     rng = np.random.default_rng(1)
     up = paired_ci(0.05 + 0.01 * rng.normal(size=300))
@@ -107,7 +124,9 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
                  "head group" + suffix]
         g = res["strategies"]["dccl"]["gain_vs"][base]["groups"]
         assert th["mean"] == pytest.approx(g["0"]["gauc"]["mean"] - g["4"]["gauc"]["mean"], abs=1e-12)
-        assert th["ci_low"] <= th["mean"] <= th["ci_high"] and th["holds"] == (th["ci_low"] > 0)
+        assert th["ci_low"] <= th["mean"] <= th["ci_high"]
+        assert th["tail_gain"]["mean"] == pytest.approx(g["0"]["gauc"]["mean"], abs=1e-12)
+        assert th["holds"] == (th["ci_low"] > 0 and th["tail_gain"]["ci_low"] > 0)
     # Round 0's devices start from the pretrained model, which is the stale one.
     assert res["strategies"]["bundle-in"]["rounds"][0]["overall"] == res["strategies"]["stale"]["rounds"][0]["overall"]
     assert res["tuning"]["device.steps"]["chosen"] in (0, 2)
