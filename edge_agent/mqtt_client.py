@@ -78,6 +78,9 @@ class EdgeMqttClient:
         self.last_connect_error: str | None = None
         self.refused_publishes = 0          # PUBACKs with a failure reason code (e.g. not authorized)
         self._subs: dict[str, int] = {}
+        # Guards _subs with the connected flag: a subscribe() that lands while on_connect (network thread)
+        # renews the subscriptions must be either renewed by it or sent by subscribe() itself, never neither.
+        self._subs_lock = threading.Lock()
         self._events: queue.Queue[tuple] = queue.Queue()
         self._inflight: dict[int, int] = {}   # paho mid -> outbox seq (worker thread only)
         self._sent: set[int] = set()          # outbox seqs handed to paho in this process
@@ -138,14 +141,16 @@ class EdgeMqttClient:
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Remembered and renewed in on_connect; effective now if connected."""
-        self._subs[topic_filter] = qos
-        if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos)
+        with self._subs_lock:
+            self._subs[topic_filter] = qos
+            if self.connected.is_set():
+                self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
-        self._subs.pop(topic_filter, None)
-        if self.connected.is_set():
-            self._client.unsubscribe(topic_filter)
+        with self._subs_lock:
+            self._subs.pop(topic_filter, None)
+            if self.connected.is_set():
+                self._client.unsubscribe(topic_filter)
 
     def send_patch(self, message_id: bytes, payload: bytes) -> int | None:
         """Durably enqueue a signed patch; returns its outbox seq (None if already queued)."""
@@ -170,11 +175,12 @@ class EdgeMqttClient:
             return
         self._attempt = 0
         client.reconnect_delay_set(self._backoff_min, self._backoff_min)
-        for topic_filter, qos in self._subs.items():
-            client.subscribe(topic_filter, qos)
-        client.publish(self.topics.availability(self.device_id), dump_availability(ONLINE),
-                       qos=QOS_AVAILABILITY, retain=True)
-        self.connected.set()
+        with self._subs_lock:
+            for topic_filter, qos in self._subs.items():
+                client.subscribe(topic_filter, qos)
+            client.publish(self.topics.availability(self.device_id), dump_availability(ONLINE),
+                           qos=QOS_AVAILABILITY, retain=True)
+            self.connected.set()
         self._events.put(("connected",))
 
     def _next_delay(self) -> None:

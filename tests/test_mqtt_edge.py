@@ -130,6 +130,60 @@ def test_reconnect_renews_subscriptions_after_broker_restart_without_persistence
         port_broker.stop()
 
 
+def test_a_subscription_made_while_the_client_connects_is_never_lost(tmp_path, prefix):
+    """subscribe() from the application thread while on_connect (paho's thread) is renewing the
+    remembered subscriptions: the new one must be renewed there or sent by subscribe() itself. The
+    window is forced open: on_connect's availability publish — after it has walked the subscriptions,
+    before the client counts as connected — waits until another thread has entered subscribe(). (The
+    unguarded version lost the subscription: a model announcement never reached a device in CI.)"""
+    import threading
+
+    dev = EdgeMqttClient("dev-race", BROKER, tmp_path / "o.db", prefix=prefix)
+    entered, done = threading.Event(), threading.Event()
+    publish = dev._client.publish
+
+    def slow_publish(topic, *a, **kw):
+        if topic == Topics(prefix).availability("dev-race") and not done.is_set():
+            entered.wait(5)          # the application thread is inside subscribe() now
+            time.sleep(0.2)          # and, unguarded, has already found the client not connected
+        return publish(topic, *a, **kw)
+
+    dev._client.publish = slow_publish
+    topic = Topics(prefix).command("dev-race")
+
+    def app_subscribe():
+        entered.set()
+        dev.subscribe(topic)
+        done.set()
+
+    real_subscribe = dev._client.subscribe
+    renewed: list[str] = []
+
+    def recording_subscribe(topic_filter, *a, **kw):
+        renewed.append(topic_filter)
+        if topic_filter == "never/renewed" and not entered.is_set():
+            threading.Thread(target=app_subscribe, daemon=True).start()
+        return real_subscribe(topic_filter, *a, **kw)
+
+    dev._client.subscribe = recording_subscribe
+    dev.subscribe("never/renewed")     # on_connect renews it, and starts the application's subscribe
+    dev.start()
+    try:
+        wait_for(dev.connected.is_set, 10)
+        wait_for(done.is_set, 10, what="the application's subscribe() returned")
+        assert topic in renewed
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", 1883)
+        pub.loop_start()
+        pub.publish(topic, payloads.dump_command("report"), qos=1).wait_for_publish(2)
+        msg = dev.inbox.get(timeout=5)
+        assert msg.topic == topic and payloads.load_command(msg.payload)["command"] == "report"
+        pub.disconnect()
+        pub.loop_stop()
+    finally:
+        dev.stop()
+
+
 def _availability(prefix, device_id):
     sub = Sub(1883, Topics(prefix).availability(device_id))
     return sub
