@@ -203,7 +203,7 @@ def test_metapatch_devices_continue_from_their_own_phi_on_the_bundle_they_keep(t
 
 
 @pytest.mark.parametrize("strategy", ["metapatch", "full-patch"])
-def test_device_only_strategies_train_on_every_interaction_since_the_bundle_they_keep(tiny_ds, strategy):
+def test_device_only_strategies_train_on_every_interaction_since_the_bundle_they_keep(tiny_ds, strategy, monkeypatch):
     """A device-only strategy keeps round 0's bundle, so — as a board's agent does with the bundle's
     `local_data.since` unchanged — round 1 trains on round 0's and round 1's fresh windows, the newest
     part held out for validation (`split.since_round0`), not on round 1's window alone."""
@@ -221,12 +221,9 @@ def test_device_only_strategies_train_on_every_interaction_since_the_bundle_they
     personalize_all = S.personalize_all
     s = S.REGISTRY[strategy]()
     s.setup(ctx)
-    S.personalize_all = recording
-    try:
-        for r in range(2):
-            s.run_round(ctx, r, lambda key, scorer: None)
-    finally:
-        S.personalize_all = personalize_all
+    monkeypatch.setattr(S, "personalize_all", recording)
+    for r in range(2):
+        s.run_round(ctx, r, lambda key, scorer: None)
     assert len(seen) == 2
     assert seen[0][0] is ctx.rounds[0].fresh_train and seen[0][1] is ctx.rounds[0].val
 
@@ -384,8 +381,8 @@ def test_choices_on_validation_slices_are_taught_by_device_models_blind_to_them(
 def test_choices_on_validation_slices_never_read_the_slices_items_as_history(tiny_ds, monkeypatch):
     """A device's history at the end of its fresh window (`RoundData.seq`, what the deployed devices'
     encoder reads) ends with its validation slice's items — the positives every choice is scored on.
-    Choices must start devices from the history before the slice (`blind_start_phi`): replacing what
-    comes after it changes the deployed starting φ but no score of round 0's tuning, nor of round 1's
+    Choices must start devices from the history before the slice (`RoundData.val_seq`, via
+    `blind_start_phi`): replacing `seq` changes the deployed starting φ but no score of round 0's tuning, nor of round 1's
     MoMoDistill choice, nor any starting φ of the device models those choices train (a rank metric
     on a tiny model can miss a small change of φ; the tensors cannot)."""
     import cloud_trainer.experiment as E
@@ -416,7 +413,7 @@ def test_choices_on_validation_slices_never_read_the_slices_items_as_history(tin
             return [v for k in sorted(record) for v in ([record[k]] if k == "val_gauc" else scores(record[k]))]
         return []
 
-    def context(which):    # with round `which`'s history after the validation slices replaced
+    def context(which):    # with round `which`'s history at the end of its fresh windows replaced
         cfg = tiny_config(strategies=["dccl"], momodistill_each_round=True, **{"device.steps": 2})
         ctx = build_context(tiny_ds, cfg, 0)
         if which is not None:
