@@ -134,8 +134,9 @@ def test_a_subscription_made_while_the_client_connects_is_never_lost(tmp_path, p
     """subscribe() from the application thread while on_connect (paho's thread) is renewing the
     remembered subscriptions: the new one must be renewed there or sent by subscribe() itself. The
     window is forced open: on_connect's availability publish — after it has walked the subscriptions,
-    before the client counts as connected — waits until another thread has entered subscribe(). (The
-    unguarded version lost the subscription: a model announcement never reached a device in CI.)"""
+    before the client counts as connected — waits until another thread has entered subscribe().
+    (Unguarded, this window loses the subscription: the likely cause of a model announcement that never
+    reached a device in one suite run.)"""
     import threading
 
     dev = EdgeMqttClient("dev-race", BROKER, tmp_path / "o.db", prefix=prefix)
