@@ -61,6 +61,7 @@ from paho.mqtt.properties import Properties
 
 from dccl.protocol import envelope, payloads
 from dccl.protocol.broker import parse_broker_url
+from dccl.protocol.manifest import val_len
 from dccl.protocol.topics import OFFLINE, ONLINE, QOS_AVAILABILITY, QOS_HEARTBEAT, QOS_PATCH, STOPPED, Topics
 from edge_agent.heartbeat import TrainingStatus, collect
 from edge_agent.model_update import ModelUpdater
@@ -130,14 +131,6 @@ def ctr_rows(items: np.ndarray, lo: int, hi: int, *, user: int, seed: int, neg: 
     n = len(pos) * G
     return {"item": cand.reshape(-1), "hist": np.repeat(hist, G, axis=0), "label": label.reshape(-1),
             "profile": np.broadcast_to(profile, (n, len(profile))).copy()}
-
-
-def val_len(fresh: int, val_frac: float) -> int:
-    """The validation slice of a fresh window of ``fresh`` items (the split's rounding rule)."""
-    v = int(np.round(val_frac * fresh))
-    if val_frac > 0:
-        v = max(v, min(1, fresh - 1))
-    return min(v, fresh - 1)
 
 
 def peak_rss_mb() -> float | None:

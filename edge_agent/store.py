@@ -46,6 +46,7 @@ import numpy as np
 
 from dccl import sqlite_wal
 from dccl.errors import DcclError
+from dccl.protocol.manifest import val_len
 
 KINDS = ("impression", "click", "interaction")
 POSITIVE_KINDS = ("click", "interaction")
@@ -346,7 +347,7 @@ class Store:
             raise DcclError(f"the user interacted with all {n_items} items: no negatives to sample")
 
         # Validation: newest val_frac of positives, at least one when asked, at least one left to train.
-        n_val = min(max(int(round(K * val_frac)), 1 if val_frac > 0 else 0), K - 1)
+        n_val = val_len(K, val_frac)
         padded = np.concatenate([np.zeros(max_len, np.int64), items])
         # hist of positive k = items[k-L : k]  ->  padded[k : k+L]; samples are positives first..end
         win = (first + np.arange(K))[:, None] + np.arange(max_len)[None, :]        # (K, L)

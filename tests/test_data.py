@@ -270,9 +270,9 @@ def test_split_invariants(request, name, rounds):
 def test_a_device_keeping_the_round0_bundle_trains_on_every_fresh_window_since_it(request, name):
     """`since_round0(r)`: the local data of a device that still holds round 0's bundle is every fresh
     window so far, [a_0, b_r), and its validation slice the newest part, sized by the rule the agent's
-    store applies to the same interactions (`edge_agent.pool.val_len`, checked against the store in
-    test_simulate); round 0's windows are round(0)'s."""
-    from edge_agent.pool import val_len
+    store applies to the same interactions (`dccl.protocol.manifest.val_len`); round 0's windows are
+    round(0)'s."""
+    from dccl.protocol.manifest import val_len
 
     ds = request.getfixturevalue(name)
     sp = make_split(ds, rounds=3, seed=5)

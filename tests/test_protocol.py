@@ -164,3 +164,16 @@ def test_protocol_imports_neither_torch_nor_cloud():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_val_len_is_one_rule_for_the_cloud_split_and_the_device_store():
+    """local_data.val_frac → positives held out: round(val_frac·n), at least one when there are two,
+    never all of them, none of none; an int for an int, the same per element for an array."""
+    from dccl.protocol.manifest import val_len
+
+    assert [val_len(n, 0.3) for n in range(7)] == [0, 0, 1, 1, 1, 2, 2]
+    assert [val_len(n, 0.0) for n in range(4)] == [0, 0, 0, 0]
+    assert [val_len(n, 0.9) for n in range(5)] == [0, 0, 1, 2, 3]
+    assert val_len(5, 0.5) == 2                   # half to even, as Python's round and NumPy's
+    assert isinstance(val_len(3, 0.3), int)
+    assert val_len(np.arange(7), 0.3).tolist() == [0, 0, 1, 1, 1, 2, 2]

@@ -22,6 +22,7 @@ import numpy as np
 
 from cloud_trainer.data.dataset import RecDataset
 from dccl.errors import DcclError
+from dccl.protocol.manifest import val_len
 
 # Window names accepted by `RoundWindows.window` (and the sample builders).
 WINDOWS = ("cloud", "fresh", "fresh_train", "val", "cloud+fresh", "future")
@@ -107,17 +108,6 @@ class DeploymentSplit:
             f"{int(np.median(self.cloud_len[w]))}/{int(np.median(self.fresh_len[w]))}/"
             f"{int(np.median(self.future_len[w]))}"
         )
-
-
-def val_len(F: np.ndarray, val_frac: float) -> np.ndarray:
-    """The validation slice of a window of F positives: round(val_frac·F), at least 1 if F >= 2 (so it
-    exists) and at most F - 1 (so the device keeps something to train on); 0 for an empty window. The
-    edge agent's store holds out the same number (`edge_agent.store.Store.training_arrays`)."""
-    F = np.asarray(F, np.int64)
-    V = np.round(val_frac * F).astype(np.int64)
-    if val_frac > 0:
-        V = np.maximum(V, np.minimum(1, F - 1))
-    return np.clip(np.minimum(V, F - 1), 0, None)
 
 
 def activity_group(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:

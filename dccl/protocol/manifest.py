@@ -37,7 +37,7 @@ trunk or head, raw-input train graphs)::
   local_data        {"neg": int >= 0, "val_frac": 0 <= float < 1, "since"?: finite number}   (optional: how
                      the cloud built each device's samples when it chose this bundle's budget — sampled
                      negatives per positive, the newest fraction of the fresh positives held out for
-                     validation, and where the device's fresh window starts (unix seconds: positives
+                     validation (how many: `val_len`), and where the device's fresh window starts (unix seconds: positives
                      before it are history only, as in the cloud's split). A board's agent uses them
                      unless its config sets train.neg / train.val_frac / train.window "all")
   portable          {"inputs": [...], "outputs": [...]}     (train-step graph I/O names)
@@ -60,6 +60,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from dccl.atomic import atomic_write
 from dccl.errors import DcclError
 
@@ -74,6 +76,19 @@ CACHED_TRAIN_INPUTS = ("features", "label")
 ORT_TRAINING_ROLES = ("training_model", "eval_model", "optimizer_model", "checkpoint")
 OPTIMIZER_FLOATS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def val_len(n, val_frac: float):
+    """How many of a window's n positives (the newest) are held out for validation, by local_data.val_frac:
+    round(val_frac·n), at least 1 if val_frac > 0 and n >= 2 (so a slice exists), at most n - 1 (so
+    something is left to train on), 0 for an empty window. The cloud's split and a device's store apply
+    this one rule. An int for an int, an int64 array for an array."""
+    n_arr = np.asarray(n, np.int64)
+    v = np.round(val_frac * n_arr).astype(np.int64)
+    if val_frac > 0:
+        v = np.maximum(v, np.minimum(1, n_arr - 1))
+    v = np.clip(np.minimum(v, n_arr - 1), 0, None)
+    return int(v) if v.ndim == 0 else v
 
 
 class ManifestError(DcclError):
