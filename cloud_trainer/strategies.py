@@ -168,8 +168,7 @@ class DCCL(Strategy):
     def run_round(self, ctx, r, report):
         rd, m, dev = ctx.rounds[r], ctx.cfg.momodistill, ctx.cfg.upload_device(r)
         report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
-        phi0 = start_phi(self.encoder, ctx, r, self.phi)
-        uploaded, _ = personalize_all(self.model, phi0, rd.fresh_train, rd.val, dev)
+        uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
             # MoMoDistill's setting chosen anew for this round, on its validation slices, with device
