@@ -78,6 +78,40 @@ def test_tail_vs_head_holds_only_where_the_tail_gains():
     assert not tail_claim("c", "cmp", head_gains_more)["holds"]
 
 
+def test_each_claim_row_reports_every_seeds_own_difference():
+    """The claims' CIs are over users, pooled over seeds; each row also carries each seed's own mean
+    difference (`per_seed`), the spread between training runs that the CI leaves out, and the table
+    prints it: here seed 0 gains and seed 1 loses, and the pooled CI alone would not show it."""
+    from cloud_trainer.experiment import claims, table_markdown
+
+    rng = np.random.default_rng(0)
+    n = 200
+    group = np.repeat(np.arange(5), n // 5)
+    cold = np.zeros(n, bool)
+    cold[::10] = True
+
+    def row(gauc):
+        return [{"user": np.arange(n), "cold": cold, "group": group, "gauc": gauc}]
+
+    base = [0.8 + 0.01 * rng.normal(size=n) for _ in range(2)]
+    shift = [np.where(group == 0, 0.004, 0.001), np.where(group == 0, -0.002, -0.001)]
+    users = {"stale": [row(b) for b in base], "metapatch": [row(b + d) for b, d in zip(base, shift)],
+             "full-patch": [row(b) for b in base], "dccl": [row(b + 2 * d) for b, d in zip(base, shift)]}
+    out = {c["claim"]: c for c in claims(users, dict.fromkeys(users), 0)}
+    alone = out["device models beat the cloud model they started from (MetaPatch alone)"]
+    warm = ~cold
+    expect = [float(d[warm].mean()) for d in shift]
+    assert alone["per_seed"] == pytest.approx(expect, abs=1e-12) and expect[0] > 0 > expect[1]
+    assert alone["mean"] == pytest.approx(np.mean(expect), abs=1e-12)
+    tail = out["MetaPatch beats per-user full patches on the tail group"]
+    assert tail["per_seed"] == pytest.approx([0.004, -0.002], abs=1e-12)
+    th = out["the gain on the tail group is at least the gain on the head group"]
+    assert th["per_seed"] == pytest.approx([0.008 - 0.002, -0.004 + 0.002], abs=1e-12)
+    text = table_markdown({"dataset": "d", "strategies": {}, "claims": list(out.values())},
+                          build_config({"rounds": 1, "seeds": 2}))
+    assert "| +0.0040, -0.0020 |" in text
+
+
 def test_paired_ci():
     rng = np.random.default_rng(1)
     up = paired_ci(0.05 + 0.01 * rng.normal(size=300))
