@@ -67,6 +67,12 @@ class ExperimentConfig(BaseModel):
         Field(default_factory=lambda: list(STRATEGIES))
     tune: bool = True  # choose the device step budget on the validation slices (seed 0, round 0)
     tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
+    # Also choose the device budget per bracket of the devices' training-positive counts (quintiles
+    # among the devices with a validation slice), each bracket on its own devices' slices (one-SE rule,
+    # `strategies.choose_steps_by_positives`), for MetaPatch's and the uploads' `device` and for
+    # `full_patch_device`; shipped as the manifest's optimizer.steps_by_positives. Off by default
+    # (docs/EXPERIMENTS.md, session 15, measured it).
+    tune_steps_by_positives: bool = False
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
     # 2 ~1.65x (`python bench/bench_momodistill.py`).
@@ -149,7 +155,9 @@ class ExperimentConfig(BaseModel):
         """The device training settings on a new MoMoDistill bundle: `device` with `bundle_steps`."""
         from dataclasses import replace
 
-        return self.device if self.bundle_steps is None else replace(self.device, steps=self.bundle_steps)
+        if self.bundle_steps is None:
+            return self.device
+        return replace(self.device, steps=self.bundle_steps, steps_by_positives=None)
 
     def upload_device(self, r: int) -> DeviceTrainConfig:
         """The device training settings of round r's upload session: `device` on the stale model
@@ -158,7 +166,7 @@ class ExperimentConfig(BaseModel):
 
         if r == 0 or self.upload_steps is None:
             return self.device
-        return replace(self.device, steps=self.upload_steps)
+        return replace(self.device, steps=self.upload_steps, steps_by_positives=None)
 
     def to_dict(self) -> dict:
         out = self.model_dump()

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
-from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill, replay_step1,
-                                      tune_device_steps, validation_gauc)
+from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill,
+                                      choose_steps_by_positives, replay_step1, tune_device_steps, validation_gauc)
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -134,12 +134,19 @@ def tune(ctx, cfg) -> dict:
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
     out["device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
+    if cfg.tune_steps_by_positives:
+        cfg.device.steps_by_positives, brackets = choose_steps_by_positives(ctx, scores)
+        out["device.steps_by_positives"] = {"chosen": cfg.device.steps_by_positives, "brackets": brackets}
     if "full-patch" in cfg.strategies:
         fp = FullPatch()
         fp.setup(ctx)
         best, scores = tune_device_steps(ctx, fp.model, fp.phi, cfg.full_patch_device, cfg.tune_steps, evaluate_val)
         cfg.full_patch_device.steps = best
         out["full_patch_device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
+        if cfg.tune_steps_by_positives:
+            cfg.full_patch_device.steps_by_positives, brackets = choose_steps_by_positives(ctx, scores)
+            out["full_patch_device.steps_by_positives"] = {"chosen": cfg.full_patch_device.steps_by_positives,
+                                                           "brackets": brackets}
     if "dccl" in cfg.strategies:
         # Round 0's device models (on the fresh windows minus their validation slices, blind to those
         # slices: `blind_uploads`): the teachers of the choices below and the devices' previous φ.
@@ -482,6 +489,12 @@ def _choices_markdown(tuning: dict) -> list[str]:
              "validation gAUC:", ""]
     for name, rec in tuning.items():
         if name == "momodistill_each_round":
+            continue
+        if "brackets" in rec:  # a budget per bracket of training positives
+            per = "; ".join(f"{lo} positives, {b['devices']} devices: {b['chosen']} ("
+                            + ", ".join(f"{k}: {v:.5f}" for k, v in b["val_gauc"].items()) + ")"
+                            for lo, b in rec["brackets"].items())
+            lines.append(f"- {name}: **{rec['chosen']}** ({per})")
             continue
         options = "; ".join(f"{_setting(json.loads(k)) if str(k).startswith('{') else k}: {v:.5f}"
                             for k, v in rec["val_gauc"].items())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cloud_trainer.train import Batch, take, trainable_only
+from dccl.protocol.manifest import check_steps_by_positives, step_budget
 
 
 @dataclass
@@ -30,10 +31,17 @@ class DeviceTrainConfig:
     # Beauty most devices hold one fresh positive; trained blind they fell 0.012 gAUC below the model
     # they started from.)
     require_val: bool = True
+    # A budget by the device's count of training positives, [[min_positives, steps], ...] (the first
+    # at 0): a device trains the steps of the last entry at or below its count, and `steps` is then
+    # unused. None: every device trains `steps`. Chosen per bracket on validation with
+    # `tune_steps_by_positives` (experiment.tune); shipped as the manifest's optimizer.steps_by_positives.
+    steps_by_positives: list[list[int]] | None = None
 
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"device.steps = {self.steps}: must be >= 0")
+        if self.steps_by_positives is not None:
+            self.steps_by_positives = check_steps_by_positives(self.steps_by_positives, "device.steps_by_positives")
         if not self.lr > 0:
             raise ValueError(f"device.lr = {self.lr}: must be > 0")
 
@@ -80,9 +88,15 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
     model.eval()  # no dropout/batch-norm in the models; eval keeps it explicit
     n = int(train["item"].shape[0])
     counts = torch.zeros(U).index_add(0, train["owner"], torch.ones(n)).clamp(min=1.0)
+    # Each device's budget (`step_budget`: one for all, or by its count of training positives). Row u
+    # of the table follows device u's own trajectory, so a device that has spent its budget takes its
+    # row as it stood then.
+    positives = torch.zeros(U, dtype=torch.int64).index_add(0, train["owner"], (train["label"] > 0).long())
+    budget = torch.as_tensor(step_budget(cfg.steps, cfg.steps_by_positives, positives.numpy()))
+    phi_out = phi0.detach().clone()
     info: dict = {}
     with trainable_only(model):
-        for step in range(1, cfg.steps + 1):
+        for step in range(1, int(budget.max()) + 1 if U else 0):
             opt.zero_grad(set_to_none=True)
             # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
             for start in range(0, n, chunk):
@@ -90,7 +104,8 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
             opt.step()
             if on_step is not None:
                 on_step(step, phi.detach())
-        phi_out = phi.detach()
+            done = budget == step
+            phi_out[done] = phi.detach()[done]
         if val is not None and (cfg.keep_if_worse or cfg.require_val):
             has_val = torch.zeros(U, dtype=torch.bool)
             has_val[val["owner"]] = True

@@ -317,8 +317,37 @@ def tune_device_steps(ctx: SeedContext, model, phi0: torch.Tensor, cfg: DeviceTr
     rd = ctx.rounds[r]
     grid = sorted(set(steps_grid))
     snaps = {0: phi0.clone()}
-    run_cfg = DeviceTrainConfig(**{**cfg.to_dict(), "steps": grid[-1], "keep_if_worse": False})
+    run_cfg = DeviceTrainConfig(**{**cfg.to_dict(), "steps": grid[-1], "keep_if_worse": False, "steps_by_positives": None})
     personalize_all(model, phi0, rd.fresh_train, None, run_cfg,
                     on_step=lambda step, phi: snaps.__setitem__(step, phi.clone()) if step in grid else None)
     scores = {s: evaluate_val(device_scorer(model, ctx.ds.profile, snaps[s])) for s in grid}
     return choose_within_noise(scores), scores  # near-ties: the fewest steps
+
+
+def choose_steps_by_positives(ctx: SeedContext, scores: dict[int, np.ndarray], r: int = 0,
+                              brackets: int = 5) -> tuple[list[list[int]], dict]:
+    """A device budget per bracket of training-positive counts, from a budget sweep's per-user
+    validation scores (`tune_device_steps`): the brackets are quantiles of the counts among the
+    devices with a validation slice (round r's fresh windows minus the slices), and each bracket gets
+    the one-SE choice over its own devices. Returns (the `steps_by_positives` table, adjacent brackets
+    with the same budget merged; a record per bracket). A device counts what it trains on, so it can
+    look its budget up itself (`dccl.protocol.manifest.step_budget`)."""
+    rd = ctx.rounds[r]
+    users = np.unique(rd.val_eval.user)  # per_user's order, which the scores follow
+    owner, label = rd.fresh_train["owner"].numpy(), rd.fresh_train["label"].numpy()
+    pos = np.bincount(owner, weights=(label > 0).astype(np.float64), minlength=ctx.n_users)[users].astype(np.int64)
+    edges = np.ceil(np.quantile(pos, np.linspace(0, 1, brackets + 1)[1:-1])).astype(np.int64)
+    mins = [0, *sorted(int(e) for e in set(edges.tolist()) if e > 0)]
+    table: list[list[int]] = []
+    record: dict[str, dict] = {}
+    for lo, hi in zip(mins, mins[1:] + [None]):
+        mask = (pos >= lo) & (True if hi is None else pos < hi)
+        if not mask.any():
+            continue
+        per = {s: v[mask] for s, v in scores.items()}
+        chosen = choose_within_noise(per)
+        record[f">= {lo}"] = {"chosen": chosen, "devices": int(mask.sum()), "val_gauc": mean_scores(per)}
+        if not table or table[-1][1] != chosen:
+            table.append([lo, chosen])
+    table[0][0] = 0
+    return table, record

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 
 from dccl.errors import DcclError
+from dccl.protocol import manifest as mf
 from edge_agent.config import AgentConfig
 from edge_agent.state import DeviceState, StateError, StateStore
 from edge_agent.store import IngestResult, Store
@@ -63,6 +64,8 @@ class BundleInfo:
     trainable: dict[str, tuple[int, ...]]     # name -> shape (all float32)
     require_val: bool = False                 # manifest optimizer.require_val: no val slice -> no training
     steps: int | None = None                  # manifest optimizer.steps: the step budget the cloud chose
+    # manifest optimizer.steps_by_positives: that budget by the device's count of training positives
+    steps_by_positives: tuple[tuple[int, int], ...] | None = None
     neg: int | None = None                    # manifest local_data.neg (None: an older bundle without it)
     val_frac: float | None = None             # manifest local_data.val_frac
     since: float | None = None                # manifest local_data.since: where the fresh window starts
@@ -80,17 +83,25 @@ def local_samples(t, info: BundleInfo) -> tuple[int, float]:
     return int(neg), float(frac)
 
 
+def _by_positives(optimizer: dict) -> tuple[tuple[int, int], ...] | None:
+    """The manifest's optimizer.steps_by_positives (validated with the manifest), or None."""
+    table = optimizer.get("steps_by_positives")
+    return None if table is None else tuple((int(lo), int(steps)) for lo, steps in table)
+
+
 def sample_window(t, info: BundleInfo) -> float | None:
     """Where the device's samples start (unix seconds; None = every positive): the bundle's
     ``local_data.since`` unless the board's ``train.window`` is "all"."""
     return info.since if t.window == "bundle" else None
 
 
-def step_budget(t, info: BundleInfo) -> int:
+def step_budget(t, info: BundleInfo, n_positives: int) -> int:
     """A round's step cap: the board's ``train.max_steps``, and — with ``train.follow_bundle_steps`` —
-    at most the bundle's ``optimizer.steps``, the budget the cloud chose for it on validation."""
+    at most the budget the cloud chose for the bundle on validation: ``optimizer.steps``, or, where the
+    manifest has ``optimizer.steps_by_positives``, the budget for this round's ``n_positives`` training
+    positives (`dccl.protocol.manifest.step_budget`, the cloud's own rule)."""
     if t.follow_bundle_steps and info.steps is not None:
-        return min(int(t.max_steps), info.steps)
+        return min(int(t.max_steps), mf.step_budget(info.steps, info.steps_by_positives, n_positives))
     return int(t.max_steps)
 
 
@@ -363,7 +374,8 @@ class BundleModel:
         self.info = BundleInfo(b.version, int(b.n_items), int(b.max_len), tuple(int(v) for v in b.profile_vocab),
                                {b.phi_name: tuple(int(d) for d in b.phi_shape)},
                                bool(b.manifest["optimizer"].get("require_val", False)),
-                               int(b.manifest["optimizer"]["steps"]), neg=local.get("neg"),
+                               int(b.manifest["optimizer"]["steps"]),
+                               steps_by_positives=_by_positives(b.manifest["optimizer"]), neg=local.get("neg"),
                                val_frac=local.get("val_frac"), since=local.get("since"))
         self._scorer = None
         self._encoder = None
@@ -394,11 +406,12 @@ class BundleModel:
             return {"item": s.item, "hist": s.hist, "profile": s.profile, "label": s.label}
 
         val = as_dict(arrays.val) if len(arrays.val) else None
+        steps = step_budget(t, self.info, int((arrays.train.label > 0).sum()))
         if t.rule == "bundle":   # the cloud's reference rule: full batch, the last φ or the previous one
-            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info),
+            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=steps,
                                     seconds=t.max_seconds, val=val, seed=seed, select="final")
         else:
-            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=step_budget(t, self.info),
+            r = self._trainer.train(phi[name], as_dict(arrays.train), steps=steps,
                                     epochs=t.max_epochs, seconds=t.max_seconds, batch_size=t.batch_size, val=val,
                                     patience=t.patience, seed=seed)
         loss = r.val_loss_after if val is not None else (r.losses[-1] if r.losses else None)

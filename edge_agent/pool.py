@@ -21,10 +21,11 @@ A round, per device (the reference is cloud_trainer.strategies.DCCL + personaliz
    one MoMoDistill produced), the data round that seeds the samples, the bundle version and the
    time window [fresh_from, until) of the device's fresh interactions;
 2. once that bundle is current: φ0 = encoder(profile, last L items before ``until``, φ_prev);
-3. a warm device trains φ with full-batch AdamW for the manifest's ``optimizer.steps`` on its
-   fresh window minus the validation slice (its newest ``round(val_frac·F)`` interactions) and
-   keeps φ0 when the validation loss got worse (or, when the manifest says ``require_val``, when it
-   has no validation slice: then it does not train); a cold-start device keeps φ0;
+3. a warm device trains φ with full-batch AdamW for the manifest's ``optimizer.steps`` (its
+   ``steps_by_positives`` bracket, where it has one) on its fresh window minus the validation slice
+   (its newest ``round(val_frac·F)`` interactions) and keeps φ0 when the validation loss got worse
+   (or, when the manifest says ``require_val``, when it has no validation slice: then it does not
+   train); a cold-start device keeps φ0;
 4. the signed patch goes into the outbox (durable), the state is saved, the patch is published
    and leaves the outbox only on PUBACK. Its message id is a hash of (device, bundle, round), so
    a device restarted mid-round rebuilds the same patch and the cloud stores it once.
@@ -61,7 +62,7 @@ from paho.mqtt.properties import Properties
 
 from dccl.protocol import envelope, payloads
 from dccl.protocol.broker import parse_broker_url
-from dccl.protocol.manifest import val_len
+from dccl.protocol.manifest import step_budget, val_len
 from dccl.protocol.topics import OFFLINE, ONLINE, QOS_AVAILABILITY, QOS_HEARTBEAT, QOS_PATCH, STOPPED, Topics
 from edge_agent.heartbeat import TrainingStatus, collect
 from edge_agent.model_update import ModelUpdater
@@ -445,7 +446,8 @@ class Pool:
                 val = ctr_rows(items, hi - V, hi, seed=1000 * seed + 10 * dr + 3, **common) if V > 0 else None
                 # The reference rule (a board's agent with train.rule "bundle" runs the same call): the
                 # whole budget full-batch, then φ0 is kept if the validation loss got worse.
-                res = tr.train(phi0, train, steps=int(opt["steps"]), val=val, select="final")
+                steps = step_budget(opt["steps"], opt.get("steps_by_positives"), int((train["label"] > 0).sum()))
+                res = tr.train(phi0, train, steps=steps, val=val, select="final")
                 phi = res.phi
                 metrics = {"steps": float(res.steps)}
                 if res.losses:

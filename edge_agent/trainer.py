@@ -402,7 +402,8 @@ class Trainer:
         ``batch_size`` (default: the whole set, one full-batch step per epoch; shuffled per epoch
         with ``seed`` when smaller), or a list of such dicts used in order. Budget: at most
         ``steps`` steps, ``epochs`` passes and ``seconds`` of wall time; with none given, the
-        manifest's ``optimizer.steps``.
+        manifest's ``optimizer.steps`` (for a dict of arrays, the ``steps_by_positives`` bracket of its
+        positives where the manifest has one).
 
         ``select`` says which φ a validation slice ``val`` chooses. ``"best"``: φ is evaluated after
         every epoch; training stops after ``patience`` evaluations without improvement and the best
@@ -445,7 +446,10 @@ class Trainer:
             def epoch_batches():
                 yield from fixed
         if steps is None and epochs is None and seconds is None:
-            steps = int(self.optimizer["steps"])
+            # The manifest's budget; by the count of training positives where it has such a table.
+            positives = int((full["label"] > 0).sum()) if isinstance(data, Mapping) else None
+            steps = (int(self.optimizer["steps"]) if positives is None else
+                     mf.step_budget(self.optimizer["steps"], self.optimizer.get("steps_by_positives"), positives))
         for name, value in (("steps", steps), ("epochs", epochs), ("seconds", seconds)):
             if value is not None and value < 0:
                 raise TrainerError(f"{name} = {value}: must be >= 0")

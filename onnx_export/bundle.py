@@ -138,6 +138,8 @@ def build_manifest(model: MetaPatchModel, cfg: DeviceTrainConfig, *, version: st
         "source": source or {},
         "versions": _versions(),
     }
+    if cfg.steps_by_positives:
+        manifest["optimizer"]["steps_by_positives"] = [list(e) for e in cfg.steps_by_positives]
     if local_data is not None:
         manifest["local_data"] = {"neg": int(local_data["neg"]), "val_frac": float(local_data["val_frac"])}
         if local_data.get("since") is not None:

@@ -254,6 +254,30 @@ def test_the_bundle_step_budget_caps_on_device_training(device):
     assert rep["round"] == 3 and rep["steps"] > 2, rep
 
 
+def test_a_budget_by_training_positives_sets_each_round_s_steps(device):
+    """A manifest's optimizer.steps_by_positives (the cloud's budget per bracket of training positives)
+    gives the round the steps of the device's bracket — the rule the cloud's reference applies
+    (`dccl.protocol.manifest.step_budget`) — and a malformed table is one clear error, state kept."""
+    tmp, cfg = device
+    path = tmp / "bundle" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["optimizer"]["steps"] = 2
+    m["optimizer"]["steps_by_positives"] = [[0, 3], [10_000, 1]]     # this device: fewer than 10,000
+    path.write_text(json.dumps(m))
+    rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    assert rep["round"] == 1 and rep["steps"] == 3, rep
+    m["optimizer"]["steps_by_positives"] = [[0, 1], [1, 4]]          # at least one positive: 4 steps
+    path.write_text(json.dumps(m))
+    rep = _json(run_edge_cli("edge", "train", "--config", str(cfg)))
+    assert rep["round"] == 2 and rep["steps"] == 4, rep
+    before = (tmp / "state" / "state.npz").read_bytes()
+    m["optimizer"]["steps_by_positives"] = [[1, 4]]                  # does not start at 0 positives
+    path.write_text(json.dumps(m))
+    r = run_edge_cli("edge", "train", "--config", str(cfg))
+    assert r.returncode == 2 and "optimizer.steps_by_positives[0]" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp / "state" / "state.npz").read_bytes() == before
+
+
 def test_corrupted_bundle_is_a_clear_error_and_state_is_kept(device):
     tmp, cfg = device
     _json(run_edge_cli("edge", "train", "--config", str(cfg)))

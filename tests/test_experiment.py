@@ -306,6 +306,47 @@ def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, 
         (c.device.steps, 5, c.device.steps)
 
 
+def test_a_budget_per_bracket_of_training_positives_is_chosen_on_that_brackets_slices(tiny_ds, monkeypatch):
+    """`tune_steps_by_positives`: the budget sweep's per-user validation scores choose a budget per
+    bracket of training-positive counts, each on its own devices (one-SE rule), and MetaPatch's and
+    the uploads' devices train with that table while a new bundle keeps its single budget."""
+    import cloud_trainer.strategies as S
+    from cloud_trainer.context import build_context
+    from dccl.protocol.manifest import step_budget
+
+    ctx = build_context(tiny_ds, tiny_config(tune=False), 0)
+    rd = ctx.rounds[0]
+    users = np.unique(rd.val_eval.user)
+    owner, label = rd.fresh_train["owner"].numpy(), rd.fresh_train["label"].numpy()
+    pos = np.bincount(owner, weights=(label > 0), minlength=ctx.n_users)[users].astype(np.int64)
+    base = 0.7 + 0.01 * np.random.default_rng(0).normal(size=len(users))
+    _, brackets = S.choose_steps_by_positives(ctx, {0: base, 8: base})   # no difference: 0 everywhere
+    mins = [int(k.split()[-1]) for k in brackets]                          # each bracket's ">= min"
+    assert len(mins) >= 2 and sum(b["devices"] for b in brackets.values()) == len(users)
+    few = pos < mins[1]
+    # The lowest bracket's devices gain from 8 steps, every other device loses: each bracket sees its own.
+    table, _ = S.choose_steps_by_positives(ctx, {0: base, 8: base + np.where(few, 0.05, -0.05)})
+    assert table == [[0, 8], [mins[1], 0]]
+    assert (step_budget(0, table, pos) == np.where(few, 8, 0)).all()
+
+    seen = []
+
+    def recording(model, phi0, train, val, dcfg, **kw):
+        seen.append(dcfg.steps_by_positives)
+        return personalize_all(model, phi0, train, val, dcfg, **kw)
+
+    personalize_all = S.personalize_all
+    monkeypatch.setattr(S, "personalize_all", recording)
+    res = run_experiment(tiny_config(strategies=["metapatch", "dccl"], tune_steps_by_positives=True), tiny_ds,
+                         progress=False)
+    chosen = res["tuning"]["device.steps_by_positives"]["chosen"]
+    assert res["config"]["device"]["steps_by_positives"] == chosen
+    assert chosen in seen and all(t is None or t == chosen for t in seen)
+    c = tiny_config(tune=False, bundle_steps=2, upload_steps=1, **{"device.steps_by_positives": [[0, 3], [5, 1]]})
+    assert c.device.steps_by_positives == [[0, 3], [5, 1]]
+    assert c.bundle_device().steps_by_positives is None and c.upload_device(1).steps_by_positives is None
+
+
 def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds, monkeypatch):
     """With `momodistill_each_round`, DCCL's round r >= 1 chooses MoMoDistill's setting on round r's
     validation slices (step 1 replayed on the fresh windows minus those slices, taught by the uploads)

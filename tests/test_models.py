@@ -122,6 +122,30 @@ def test_personalize_all_equals_independent_device_runs():
         assert torch.allclose(table[u : u + 1], ref, atol=1e-5), u
 
 
+def test_a_budget_by_training_positives_gives_each_device_its_own_steps():
+    """With steps_by_positives each device trains the budget of its bracket of training positives —
+    exactly what it would have trained with that budget for everyone (`dccl.protocol.manifest.step_budget`
+    is the rule a board's agent applies) — and a bracket's budget of 0 keeps its start."""
+    m = tiny()
+    b = batch(300, n_owners=4, seed=3)
+    pos = torch.zeros(4, dtype=torch.int64).index_add(0, b["owner"], (b["label"] > 0).long())
+    order = pos.argsort()
+    # brackets so that the two devices with the fewest positives get 9 and 0 steps, the others 3
+    lo, mid, hi = int(pos[order[0]]), int(pos[order[1]]), int(pos[order[2]])
+    assert lo < mid < hi
+    table = [[0, 9], [mid, 0], [hi, 3]]
+    cfg = DeviceTrainConfig(steps=5, lr=0.05, keep_if_worse=False, steps_by_positives=table)
+    phi0 = torch.randn(4, 6) * 0.1
+    got, _ = personalize_all(m, phi0, b, None, cfg)
+    want = {int(order[0]): 9, int(order[1]): 0, int(order[2]): 3, int(order[3]): 3}
+    for u, steps in want.items():
+        alone, _ = personalize_all(m, phi0, b, None, replace(cfg, steps=steps, steps_by_positives=None))
+        assert torch.equal(got[u], alone[u]), (u, steps)
+    assert torch.equal(got[order[1]], phi0[order[1]])
+    with pytest.raises(ValueError, match=r"device.steps_by_positives\[1\]"):
+        DeviceTrainConfig(steps_by_positives=[[0, 2], [0, 3]])
+
+
 def test_keep_if_worse_restores_the_starting_phi_per_device():
     m = tiny()
     train = batch(200, n_owners=2, seed=1)

@@ -177,3 +177,20 @@ def test_val_len_is_one_rule_for_the_cloud_split_and_the_device_store():
     assert val_len(5, 0.5) == 2                   # half to even, as Python's round and NumPy's
     assert isinstance(val_len(3, 0.3), int)
     assert val_len(np.arange(7), 0.3).tolist() == [0, 0, 1, 1, 1, 2, 2]
+
+
+def test_step_budget_by_training_positives_is_one_rule_for_cloud_and_device():
+    """optimizer.steps_by_positives → a device's steps: the last bracket at or below its count of
+    training positives (`steps` when there is no table); a malformed table is rejected by name."""
+    from dccl.protocol.manifest import check_steps_by_positives, step_budget
+
+    table = [[0, 20], [4, 2], [14, 0]]
+    assert [step_budget(5, table, n) for n in (0, 1, 3, 4, 13, 14, 99)] == [20, 20, 20, 2, 2, 0, 0]
+    assert step_budget(5, None, 7) == 5 and isinstance(step_budget(5, table, 3), int)
+    assert step_budget(5, table, np.array([3, 4, 14])).tolist() == [20, 2, 0]
+    assert check_steps_by_positives([(0, 1), (2, 3)]) == [[0, 1], [2, 3]]
+    for bad, where in (([], "x: "), ([[1, 2]], "x[0]: "), ([[0, 2], [0, 3]], "x[1]: "), ([[0, -1]], "x[0]: "),
+                       ([[0, 2.5]], "x[0]: "), ([[0, True]], "x[0]: "), ([[0]], "x[0]: "), ("0,2", "x: ")):
+        with pytest.raises(ValueError) as exc:
+            check_steps_by_positives(bad, "x")
+        assert str(exc.value).startswith(where), (bad, str(exc.value))

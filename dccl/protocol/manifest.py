@@ -31,9 +31,12 @@ trunk or head, raw-input train graphs)::
   schema            {"n_items", "n_attrs", "max_len", "profile_vocab", "phi_dim"}
   loss              {"name": "bce_with_logits", "formula": str}
   optimizer         {"name": "adamw", "lr", "beta1", "beta2", "eps", "weight_decay", "steps", "keep_if_worse",
-                     "require_val" (optional, default false: a device with no validation slice does not train)}
+                     "require_val" (optional, default false: a device with no validation slice does not train),
+                     "steps_by_positives" (optional: [[min_positives, steps], ...], the first at 0)}
                     ("steps": the on-device budget the cloud chose for this bundle on validation; 0 = no
-                     step helps on it. A board's agent stops there unless train.follow_bundle_steps is off)
+                     step helps on it. A board's agent stops there unless train.follow_bundle_steps is off.
+                     With "steps_by_positives", a device with n training positives this round takes the
+                     steps of the last entry whose min_positives <= n instead: `step_budget`)
   local_data        {"neg": int >= 0, "val_frac": 0 <= float < 1, "since"?: finite number}   (optional: how
                      the cloud built each device's samples when it chose this bundle's budget — sampled
                      negatives per positive, the newest fraction of the fresh positives held out for
@@ -89,6 +92,40 @@ def val_len(n, val_frac: float):
         v = np.maximum(v, np.minimum(1, n_arr - 1))
     v = np.clip(np.minimum(v, n_arr - 1), 0, None)
     return int(v) if v.ndim == 0 else v
+
+
+def check_steps_by_positives(table, field: str = "steps_by_positives") -> list[list[int]]:
+    """A step budget by the device's count of training positives: ``[[min_positives, steps], ...]``,
+    the first at 0 positives, each later one at strictly more, every value an integer >= 0. Returns it
+    as lists of ints; otherwise raises ValueError("<field>[i]: <what is wrong>")."""
+    if not isinstance(table, (list, tuple)) or not table:
+        raise ValueError(f"{field}: {table!r} is not a non-empty list of [min_positives, steps] pairs")
+    out: list[list[int]] = []
+    for i, entry in enumerate(table):
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in entry)):
+            raise ValueError(f"{field}[{i}]: {entry!r} is not [min_positives, steps] of integers >= 0")
+        if i == 0 and entry[0] != 0:
+            raise ValueError(f"{field}[0]: {list(entry)!r} does not start at 0 positives")
+        if i and entry[0] <= out[-1][0]:
+            raise ValueError(f"{field}[{i}]: {list(entry)!r}: min_positives must increase")
+        out.append([int(entry[0]), int(entry[1])])
+    return out
+
+
+def step_budget(steps: int, steps_by_positives, n_positives):
+    """How many steps a device trains: `steps`, or — with a ``steps_by_positives`` table (see
+    `check_steps_by_positives`) — the steps of the last entry whose min_positives is at most the
+    device's count of training positives in the window it trains on. The cloud's reference and a
+    device's agent apply this one rule. An int for an int, an int64 array for an array."""
+    n = np.asarray(n_positives, np.int64)
+    if not steps_by_positives:
+        out = np.full(n.shape, int(steps), np.int64)
+    else:
+        mins = np.array([m for m, _ in steps_by_positives], np.int64)
+        budgets = np.array([b for _, b in steps_by_positives], np.int64)
+        out = budgets[np.searchsorted(mins, np.maximum(n, 0), side="right") - 1]
+    return int(out) if out.ndim == 0 else out
 
 
 class ManifestError(DcclError):
@@ -229,6 +266,12 @@ def validate(obj: Any) -> dict:
         raise ManifestError("optimizer.lr", f"{opt['lr']!r} must be > 0")
     if _need(opt, "steps", int, "optimizer.") < 0:
         raise ManifestError("optimizer.steps", "negative")
+    if opt.get("steps_by_positives") is not None:
+        try:
+            check_steps_by_positives(opt["steps_by_positives"], "optimizer.steps_by_positives")
+        except ValueError as exc:
+            field, _, msg = str(exc).partition(": ")
+            raise ManifestError(field, msg) from None
     _need(opt, "keep_if_worse", bool, "optimizer.")
     if "require_val" in opt and not isinstance(opt["require_val"], bool):
         raise ManifestError("optimizer.require_val", f"{opt['require_val']!r} must be true or false")
