@@ -109,9 +109,16 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
 
     # Devices on a new MoMoDistill bundle get their own step budget (bundle_steps), and so does the
     # upload session from round 1 on (upload_steps): the fleet must train with them because each
-    # bundle's manifest carries its budget.
-    extra = {"bundle_steps": 7, "upload_steps": 5}
+    # bundle's manifest carries its budget. Round 0's upload session has a budget by training
+    # positives (device.steps_by_positives): each device looks its own up in the manifest.
+    table = [[0, 20], [4, 3]]
+    extra = {"bundle_steps": 7, "upload_steps": 5, "device.steps_by_positives": table}
     cfg, ds = _tiny(**extra)
+    from dccl.protocol.manifest import val_len
+
+    fresh = np.maximum(1, np.round(cfg.data.fresh_frac * np.array([len(q) for q in ds.sequences])))
+    train_pos = fresh - val_len(fresh.astype(np.int64), cfg.data.val_frac)
+    assert (train_pos < 4).any() and (train_pos >= 4).any()          # both brackets hold devices
     ref = run_experiment(cfg, ds, progress=False)["strategies"]
     ref_phi = _reference_phis(_tiny(**extra)[0], ds)
     sim = Simulation(_tiny(**extra)[0], ds, tmp_path / "run", SimOptions(pools=2))
@@ -120,6 +127,8 @@ def test_simulate_matches_the_in_process_experiment(tmp_path):
                  for p in (tmp_path / "run" / "bundles").glob("*/manifest.json")}
     steps = {k: m["optimizer"]["steps"] for k, m in manifests.items()}
     assert steps == {"r0.0": 20, "r0.1": 7, "r1.0": 5, "r1.1": 7}, steps
+    assert {k: m["optimizer"].get("steps_by_positives") for k, m in manifests.items()} == \
+        {"r0.0": table, "r0.1": None, "r1.0": None, "r1.1": None}
     # ... and says how the cloud built the devices' samples (a board's agent builds its own alike).
     assert all(m["local_data"] == {"neg": cfg.data.neg, "val_frac": cfg.data.val_frac,
                                    "since": sim.fleet.clock.window(m["source"]["round"])[0]}
