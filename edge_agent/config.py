@@ -76,7 +76,8 @@ class TrainConfig:
     rule: str = "bundle"
     max_steps: int = 200           # budget: optimiser steps per round
     follow_bundle_steps: bool = True   # also stop at the bundle's optimizer.steps (chosen by the cloud
-                                       # on validation; 0 = no step: a round uploads φ unchanged)
+                                       # on validation; 0 = no step: a round uploads φ unchanged), or at
+                                       # its steps_by_positives bracket for this round's positives
     max_seconds: float = 60.0      # budget: wall time of one round
     neg: int | None = None         # sampled negatives per positive; null = the bundle's local_data.neg
     val_frac: float | None = None  # newest fraction of positives held out for validation;
