@@ -282,19 +282,24 @@ def test_device_only_strategies_train_on_every_interaction_since_the_bundle_they
     assert sum(map(len, train.values())) > len(positives(ctx.rounds[1].fresh_train)) and ctx.cfg.data.val_frac > 0
 
 
+def _record_device_configs(monkeypatch, what) -> list:
+    """`what(cfg)` of every device session the strategies run (strategies.personalize_all), in order."""
+    import cloud_trainer.strategies as S
+
+    seen, real = [], S.personalize_all
+
+    def recording(model, phi0, train, val, cfg, **kw):
+        seen.append(what(cfg))
+        return real(model, phi0, train, val, cfg, **kw)
+
+    monkeypatch.setattr(S, "personalize_all", recording)
+    return seen
+
+
 def test_the_upload_session_on_a_momodistill_bundle_has_its_own_budget(tiny_ds, monkeypatch):
     """`upload_steps` is the upload session's budget from round 1 on (devices on a MoMoDistill
     bundle); round 0's upload session, on the stale model, keeps `device.steps`."""
-    import cloud_trainer.strategies as S
-
-    budgets = []
-
-    def recording(model, phi0, train, val, cfg, **kw):
-        budgets.append(cfg.steps)
-        return personalize_all(model, phi0, train, val, cfg, **kw)
-
-    personalize_all = S.personalize_all
-    monkeypatch.setattr(S, "personalize_all", recording)
+    budgets = _record_device_configs(monkeypatch, lambda cfg: cfg.steps)
     cfg = tiny_config(strategies=["dccl"], tune=False, upload_steps=0, bundle_steps=2, **{"device.steps": 3})
     run_experiment(cfg, tiny_ds, progress=False)
     assert budgets == [3, 2, 0, 2]          # round 0: upload, new bundle; round 1: upload, new bundle
@@ -329,14 +334,7 @@ def test_a_budget_per_bracket_of_training_positives_is_chosen_on_that_brackets_s
     assert table == [[0, 8], [mins[1], 0]]
     assert (step_budget(0, table, pos) == np.where(few, 8, 0)).all()
 
-    seen = []
-
-    def recording(model, phi0, train, val, dcfg, **kw):
-        seen.append(dcfg.steps_by_positives)
-        return personalize_all(model, phi0, train, val, dcfg, **kw)
-
-    personalize_all = S.personalize_all
-    monkeypatch.setattr(S, "personalize_all", recording)
+    seen = _record_device_configs(monkeypatch, lambda cfg: cfg.steps_by_positives)
     res = run_experiment(tiny_config(strategies=["metapatch", "dccl"], tune_steps_by_positives=True), tiny_ds,
                          progress=False)
     chosen = res["tuning"]["device.steps_by_positives"]["chosen"]
