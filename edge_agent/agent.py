@@ -95,7 +95,7 @@ def sample_window(t, info: BundleInfo) -> float | None:
     return info.since if t.window == "bundle" else None
 
 
-def step_budget(t, info: BundleInfo, n_positives: int) -> int:
+def round_steps(t, info: BundleInfo, n_positives: int) -> int:
     """A round's step cap: the board's ``train.max_steps``, and — with ``train.follow_bundle_steps`` —
     at most the budget the cloud chose for the bundle on validation: ``optimizer.steps``, or, where the
     manifest has ``optimizer.steps_by_positives``, the budget for this round's ``n_positives`` training
@@ -406,7 +406,7 @@ class BundleModel:
             return {"item": s.item, "hist": s.hist, "profile": s.profile, "label": s.label}
 
         val = as_dict(arrays.val) if len(arrays.val) else None
-        steps = step_budget(t, self.info, int((arrays.train.label > 0).sum()))
+        steps = round_steps(t, self.info, int((arrays.train.label > 0).sum()))
         if t.rule == "bundle":   # the cloud's reference rule: full batch, the last φ or the previous one
             r = self._trainer.train(phi[name], as_dict(arrays.train), steps=steps,
                                     seconds=t.max_seconds, val=val, seed=seed, select="final")
