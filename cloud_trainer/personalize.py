@@ -95,12 +95,21 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
     budget = torch.as_tensor(step_budget(cfg.steps, cfg.steps_by_positives, positives.numpy()))
     phi_out = phi0.detach().clone()
     info: dict = {}
+    part, active = train, None
     with trainable_only(model):
         for step in range(1, int(budget.max()) + 1 if U else 0):
+            # Only the devices still within their budget compute a loss: row u's gradient is device
+            # u's alone, so leaving the others' samples out changes no active device's step, and a
+            # long budget for a small bracket costs that bracket's samples, not the fleet's.
+            still = budget >= step
+            if active is None or not torch.equal(still, active):
+                active = still
+                part = train if bool(active.all()) else take(train, active[train["owner"]])
+            m = int(part["item"].shape[0])
             opt.zero_grad(set_to_none=True)
             # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
-            for start in range(0, n, chunk):
-                per_owner_loss_sum(model, take(train, slice(start, start + chunk)), phi, counts).backward()
+            for start in range(0, m, chunk):
+                per_owner_loss_sum(model, take(part, slice(start, start + chunk)), phi, counts).backward()
             opt.step()
             if on_step is not None:
                 on_step(step, phi.detach())

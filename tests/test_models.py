@@ -124,8 +124,10 @@ def test_personalize_all_equals_independent_device_runs():
 
 def test_a_budget_by_training_positives_gives_each_device_its_own_steps():
     """With steps_by_positives each device trains the budget of its bracket of training positives —
-    exactly what it would have trained with that budget for everyone (`dccl.protocol.manifest.step_budget`
-    is the rule a board's agent applies) — and a bracket's budget of 0 keeps its start."""
+    what it would have trained with that budget for everyone (`dccl.protocol.manifest.step_budget`
+    is the rule a board's agent applies), to float rounding: only the devices within their budget
+    compute a loss, and a smaller batch rounds its products differently — and a bracket's budget of
+    0 keeps its start exactly."""
     m = tiny()
     b = batch(300, n_owners=4, seed=3)
     pos = torch.zeros(4, dtype=torch.int64).index_add(0, b["owner"], (b["label"] > 0).long())
@@ -140,7 +142,7 @@ def test_a_budget_by_training_positives_gives_each_device_its_own_steps():
     want = {int(order[0]): 9, int(order[1]): 0, int(order[2]): 3, int(order[3]): 3}
     for u, steps in want.items():
         alone, _ = personalize_all(m, phi0, b, None, replace(cfg, steps=steps, steps_by_positives=None))
-        assert torch.equal(got[u], alone[u]), (u, steps)
+        torch.testing.assert_close(got[u], alone[u], rtol=1e-5, atol=1e-6, msg=lambda m: f"{(u, steps)}: {m}")
     assert torch.equal(got[order[1]], phi0[order[1]])
     with pytest.raises(ValueError, match=r"device.steps_by_positives\[1\]"):
         DeviceTrainConfig(steps_by_positives=[[0, 2], [0, 3]])
