@@ -142,7 +142,7 @@ def test_a_budget_by_training_positives_gives_each_device_its_own_steps():
     want = {int(order[0]): 9, int(order[1]): 0, int(order[2]): 3, int(order[3]): 3}
     for u, steps in want.items():
         alone, _ = personalize_all(m, phi0, b, None, replace(cfg, steps=steps, steps_by_positives=None))
-        torch.testing.assert_close(got[u], alone[u], rtol=1e-5, atol=1e-6, msg=lambda m: f"{(u, steps)}: {m}")
+        torch.testing.assert_close(got[u], alone[u], rtol=1e-5, atol=1e-6, msg=lambda e: f"{(u, steps)}: {e}")
     assert torch.equal(got[order[1]], phi0[order[1]])
     with pytest.raises(ValueError, match=r"device.steps_by_positives\[1\]"):
         DeviceTrainConfig(steps_by_positives=[[0, 2], [0, 3]])
