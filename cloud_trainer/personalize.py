@@ -95,26 +95,28 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
     budget = torch.as_tensor(step_budget(cfg.steps, cfg.steps_by_positives, positives.numpy()))
     phi_out = phi0.detach().clone()
     info: dict = {}
-    part, active = train, None
+
+    def beyond(s: int) -> Batch:
+        """The samples of the devices whose budget goes past step s: only they compute a loss in
+        step s + 1. Row u's gradient is device u's alone, so leaving the others out changes no
+        active device's step, and a long budget for a small bracket costs that bracket's samples."""
+        keep = budget > s
+        return train if bool(keep.all()) else take(train, keep[train["owner"]])
+
+    part = beyond(0)
     with trainable_only(model):
         for step in range(1, int(budget.max()) + 1 if U else 0):
-            # Only the devices still within their budget compute a loss: row u's gradient is device
-            # u's alone, so leaving the others' samples out changes no active device's step, and a
-            # long budget for a small bracket costs that bracket's samples, not the fleet's.
-            still = budget >= step
-            if active is None or not torch.equal(still, active):
-                active = still
-                part = train if bool(active.all()) else take(train, active[train["owner"]])
-            m = int(part["item"].shape[0])
             opt.zero_grad(set_to_none=True)
             # The sum over devices of each device's mean loss: row u's gradient is device u's alone.
-            for start in range(0, m, chunk):
+            for start in range(0, int(part["item"].shape[0]), chunk):
                 per_owner_loss_sum(model, take(part, slice(start, start + chunk)), phi, counts).backward()
             opt.step()
             if on_step is not None:
                 on_step(step, phi.detach())
             done = budget == step
             phi_out[done] = phi.detach()[done]
+            if bool(done.any()):
+                part = beyond(step)
         if val is not None and (cfg.keep_if_worse or cfg.require_val):
             has_val = torch.zeros(U, dtype=torch.bool)
             has_val[val["owner"]] = True
