@@ -14,7 +14,9 @@ validation gAUC (overall / tail / head quintile), mean over `--seeds` step-1 see
 
 If "bundle (φ = 0)" scores like "device models", the gain is distillation itself (the old model's
 knowledge and, with candidates, extra items it labels), not what devices learned. ``--kd-balance``
-repeats every distilling row with each device-balance weighting (MoMoDistillConfig.kd_balance).
+repeats every distilling row with each device-balance weighting (MoMoDistillConfig.kd_balance), and
+``--update-balance`` repeats every row with each weighting of the label term (CloudConfig.update_balance:
+1 gives every device's fresh data the same weight in W_f).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--kd-extra", type=int, nargs="+", default=[0, 1])
     p.add_argument("--kd-balance", type=float, nargs="+", default=[0.0])
+    p.add_argument("--update-balance", type=float, nargs="+", default=[0.0])
     a = p.parse_args()
     cfg = build_config({"dataset": a.dataset, "data_path": a.data, "rounds": 2})
     ds = load_data(cfg)
@@ -57,12 +60,12 @@ def main() -> None:
         s = summarize(rd.val_eval, score_eval_set(rd.val_eval, cloud_scorer(model, ds.profile)))
         return np.array([s["overall"]["gauc"], s["groups"]["0"]["gauc"], s["groups"]["4"]["gauc"]])
 
-    def replay(phi, lam: float, kd: int, balance: float = 0.0) -> str:
+    def replay(phi, lam: float, kd: int, balance: float = 0.0, ce: float = 0.0) -> str:
         runs = []
         for s in range(a.seeds):
             model = copy.deepcopy(ctx.model)
             step1(model, rd.fresh_train, phi, replace(cfg.momodistill, lam=lam, kd_extra=kd, kd_balance=balance),
-                  ds.n_items, seed=s)
+                  ds.n_items, seed=s, label_balance=ce)
             runs.append(val(model))
         m = np.mean(runs, axis=0)
         return f"{m[0]:.4f} ({m[1]:.4f} / {m[2]:.4f})"
@@ -70,12 +73,14 @@ def main() -> None:
     print(ds.summary())
     print(f"validation gAUC (tail / head), mean of {a.seeds} step-1 seeds; the bundle itself: "
           f"{'{:.4f} ({:.4f} / {:.4f})'.format(*val(ctx.model))}")
-    print(f"  {'no distillation (λ = 0)':28s} {replay(uploaded, 0.0, 0)}", flush=True)
-    for kd in a.kd_extra:
-        for b in a.kd_balance:
-            for name, phi in teachers.items():
-                label = name + f", kd_extra {kd}" + (f", kd_balance {b:g}" if b else "")
-                print(f"  {label:42s} {replay(phi, 1.0, kd, b)}", flush=True)
+    for ce in a.update_balance:
+        tag = f", update_balance {ce:g}" if ce else ""
+        print(f"  {'no distillation (λ = 0)' + tag:42s} {replay(uploaded, 0.0, 0, ce=ce)}", flush=True)
+        for kd in a.kd_extra:
+            for b in a.kd_balance:
+                for name, phi in teachers.items():
+                    label = name + f", kd_extra {kd}" + (f", kd_balance {b:g}" if b else "") + tag
+                    print(f"  {label:42s} {replay(phi, 1.0, kd, b, ce)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ class CloudConfig:
     attn_hidden: int = Field(default=32, ge=1)
     pretrain_epochs: int = Field(default=3, ge=1)
     update_epochs: int = Field(default=2, ge=1)  # per round, for model-over-data and MoMoDistill step 1
+    # How the fresh rows share the cloud update's label term (model-over-data's and MoMoDistill step 1's
+    # alike, so the two still differ by the distillation alone): each row weighs
+    # rows_of_its_device^(-update_balance), mean 1. 0: the pooled cross-entropy, where the most active
+    # devices' fresh data dominates; 1: every device's fresh data counts the same. Chosen on round 0's
+    # validation slices with `tune_update_balance`.
+    update_balance: float = Field(default=0.0, ge=0, le=1)
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=512, ge=1)
 
@@ -73,6 +79,13 @@ class ExperimentConfig(BaseModel):
     # `full_patch_device`; shipped as the manifest's optimizer.steps_by_positives. Off by default
     # (docs/EXPERIMENTS.md, session 15, measured it).
     tune_steps_by_positives: bool = False
+    # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
+    # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
+    # one-SE rule, the first listed wins near-ties). Empty (the default): keep cloud.update_balance as
+    # configured. Off because validation misjudges it: on ML-100K the slices score balance 1 far above
+    # the pooled loss (0.8749 against 0.8644), while on the future window it gains +0.0012 gAUC in round 1
+    # and loses 0.0035 in round 2, the head quintile paying for the tail (docs/EXPERIMENTS.md, session 17).
+    tune_update_balance: list[float] = Field(default_factory=list)
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
     # 2 ~1.65x (`python bench/bench_momodistill.py`).
@@ -143,9 +156,9 @@ class ExperimentConfig(BaseModel):
             MoMoDistillConfig(**momodistill_setting(cand))
         return grid
 
-    @pydantic.field_validator("tune_step2_balance")
+    @pydantic.field_validator("tune_step2_balance", "tune_update_balance")
     @classmethod
-    def _step2_balances(cls, values: list[float]) -> list[float]:
+    def _balances(cls, values: list[float]) -> list[float]:
         for i, v in enumerate(values):
             if not 0 <= v <= 1:
                 raise ValueError(f"value {i} = {v:g} must be in [0, 1]")

@@ -6,6 +6,7 @@ Choices (the on-device step budget) are made on validation slices only, never on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,7 +21,9 @@ from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
 from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill,
-                                      choose_steps_by_positives, replay_step1, tune_device_steps, validation_gauc)
+                                      choose_steps_by_positives, cloud_scorer, replay_step1, tune_device_steps,
+                                      validation_gauc)
+from cloud_trainer.train import fit_cloud
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -130,6 +133,8 @@ def tune(ctx, cfg) -> dict:
     DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
     evaluate_val = validation_gauc(ctx, 0)
     out = {}
+    if len(cfg.tune_update_balance) > 1 and {"model-over-data", "dccl"} & set(cfg.strategies):
+        out["cloud.update_balance"] = tune_update_balance(ctx, cfg, evaluate_val)
     phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
@@ -165,6 +170,24 @@ def tune(ctx, cfg) -> dict:
             out["upload_device.steps"] = tune_upload_steps(
                 ctx, cfg, validation_gauc(ctx, 1))
     return out
+
+
+def tune_update_balance(ctx, cfg, evaluate_val) -> dict:
+    """Choose how the fresh rows share the cloud update's label term (`cloud.update_balance`, from
+    `cfg.tune_update_balance`) on round 0's validation slices: model-over-data's update replayed on a
+    copy of the stale model for each value, on the fresh windows minus the slices, scored there (one-SE
+    rule; the first listed wins near-ties). Judged without the device models, so MoMoDistill's own
+    choices — all made after this, with the chosen balance — still compare distillation with the
+    labels on equal terms. Written to cfg.cloud.update_balance."""
+    c, scores = cfg.cloud, {}
+    for v in dict.fromkeys(float(v) for v in cfg.tune_update_balance):
+        model = copy.deepcopy(ctx.model)
+        fit_cloud(model, ctx.rounds[0].fresh_train, list(model.cloud_parameters().values()), c.update_epochs, c.lr,
+                  c.batch_size, seed=ctx.seed, balance=v)
+        scores[f"{v:g}"] = evaluate_val(cloud_scorer(model, ctx.ds.profile))
+    best = choose_within_noise(scores)
+    c.update_balance = float(best)
+    return {"chosen": c.update_balance, "val_gauc": mean_scores(scores)}
 
 
 def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:

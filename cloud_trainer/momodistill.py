@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from cloud_trainer.train import Batch, bce, concat, logits, minibatches, size, take, train_epoch, trainable_only
+from cloud_trainer.train import (Batch, bce, concat, device_balance, logits, minibatches, size, take, train_epoch,
+                                 trainable_only)
 
 
 STEP2_TARGETS = ("device", "delta")
@@ -79,11 +80,14 @@ def candidates(data: Batch, n_items: int, per_positive: int, seed: int) -> Batch
 
 
 def step1(model, data: Batch, phi_table: torch.Tensor, cfg: MoMoDistillConfig, n_items: int,
-          seed: int = 0) -> tuple[list[float], torch.Tensor]:
+          seed: int = 0, label_balance: float = 0.0) -> tuple[list[float], torch.Tensor]:
     """W_f learns from the pooled logged rows `data` (CE on labels + λ · CE on the device models'
     probabilities) and, with kd_extra, from fresh unlabelled candidates each epoch (device models only).
     The teachers are the device models as uploaded: the current model with each owner's φ, scored
-    before W_f moves. Returns the mean loss per epoch and the teachers' logits on `data` (step 2's)."""
+    before W_f moves. `label_balance` weighs each row's label term by rows_of_its_device^(-balance)
+    (`CloudConfig.update_balance`: the cloud update's own setting, shared with model-over-data, so the
+    two differ by the distillation alone). Returns the mean loss per epoch and the teachers' logits
+    on `data` (step 2's)."""
     n = size(data)
     teacher = device_logits(model, data, phi_table)
     k = cfg.kd_extra
@@ -91,28 +95,23 @@ def step1(model, data: Batch, phi_table: torch.Tensor, cfg: MoMoDistillConfig, n
     extra_teacher = device_logits(model, extra, phi_table) if extra is not None else None
     opt = torch.optim.Adam(list(model.cloud_parameters().values()), lr=cfg.step1_lr)
     gen = torch.Generator().manual_seed(seed)
+    label_weight = device_balance(data["owner"], label_balance) if label_balance > 0 else None
     model.train()
     history = []
     for e in range(cfg.step1_epochs):
         if extra is None:
-            epoch_data, soft, hard = data, torch.sigmoid(teacher), None
+            epoch_data, soft, hard, hard_weight = data, torch.sigmoid(teacher), None, label_weight
         else:
             block = slice(e * len(extra["item"]) // cfg.step1_epochs, (e + 1) * len(extra["item"]) // cfg.step1_epochs)
             mine = take(extra, block)
             epoch_data = concat([data, mine])
             soft = torch.sigmoid(torch.cat([teacher, extra_teacher[block]]))
             hard = torch.cat([torch.ones(n), torch.zeros(size(mine))])
+            hard_weight = None if label_weight is None else torch.cat([label_weight, torch.ones(size(mine))])
         weight = device_balance(epoch_data["owner"], cfg.kd_balance) if cfg.kd_balance > 0 else None
         history.append(train_epoch(model, opt, epoch_data, cfg.batch_size, gen, soft=soft, lam=cfg.lam, hard_mask=hard,
-                                   soft_weight=weight))
+                                   soft_weight=weight, hard_weight=hard_weight))
     return history, teacher
-
-
-def device_balance(owner: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(N,) row weights rows_of_owner^(-alpha), mean 1: alpha = 1 gives every device the same total."""
-    counts = torch.bincount(owner).to(torch.float32)
-    w = counts[owner].pow(-alpha)
-    return w * (len(w) / w.sum())
 
 
 def step2(model, encoder, data: Batch, teacher: torch.Tensor, phi_table: torch.Tensor,

@@ -84,7 +84,7 @@ class ModelOverData(Strategy):
     def run_round(self, ctx, r, report):
         c = ctx.cfg.cloud
         fit_cloud(self.model, ctx.rounds[r].fresh, list(self.model.cloud_parameters().values()),
-                  c.update_epochs, c.lr, c.batch_size, seed=ctx.seed * 100 + r)
+                  c.update_epochs, c.lr, c.batch_size, seed=ctx.seed * 100 + r, balance=c.update_balance)
         report("model-over-data", cloud_scorer(self.model, ctx.ds.profile))
 
 
@@ -188,7 +188,8 @@ class DCCL(Strategy):
         # The device models f_n as uploaded (current W_f, Θ and each φ_n) label the pooled fresh data
         # (and, with kd_extra, unlabelled candidates of each user).
         before = logits(self.model, rd.fresh) if m.step2_target == "delta" else None
-        _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r)
+        _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r,
+                           label_balance=ctx.cfg.cloud.update_balance)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
         step2(self.model, self.encoder, rd.fresh, teacher, uploaded, ctx.profile, rd.seq, m,
               seed=ctx.seed * 100 + r, before=before)
@@ -244,7 +245,8 @@ def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg,
     """MoMoDistill step 1 of round r on a copy of `model`, on the fresh windows minus the validation
     slices, taught by `uploaded`: (the copy, the device models' logits on the logged rows)."""
     model = copy.deepcopy(model)
-    _, teacher = step1(model, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed)
+    _, teacher = step1(model, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed,
+                       label_balance=ctx.cfg.cloud.update_balance)
     return model, teacher
 
 

@@ -100,6 +100,13 @@ def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logit, target)
 
 
+def device_balance(owner: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(N,) row weights rows_of_owner^(-alpha), mean 1: alpha = 1 gives every device the same total."""
+    counts = torch.bincount(owner).to(torch.float32)
+    w = counts[owner].pow(-alpha)
+    return w * (len(w) / w.sum())
+
+
 def fit_cloud(
     model,
     data: Batch,
@@ -110,14 +117,18 @@ def fit_cloud(
     weight_decay: float = 0.0,
     seed: int = 0,
     progress=None,
+    balance: float = 0.0,
 ) -> list[float]:
-    """Train W_f (the given params) with CE on the labels of `data`. Returns the mean loss per epoch."""
+    """Train W_f (the given params) with CE on the labels of `data`, each row weighted by
+    rows_of_its_owner^(-balance) (mean 1; 0: every row alike, 1: every owner alike). Returns the mean
+    loss per epoch."""
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    weight = device_balance(data["owner"], balance) if balance > 0 else None
     history = []
     model.train()
     for _ in range(epochs):
-        history.append(train_epoch(model, opt, data, batch_size, gen))
+        history.append(train_epoch(model, opt, data, batch_size, gen, hard_weight=weight))
         if progress is not None:
             progress.update(1)
     return history
@@ -125,21 +136,23 @@ def fit_cloud(
 
 def train_epoch(model, opt, data: Batch, batch_size: int, gen: torch.Generator, soft: torch.Tensor | None = None,
                 lam: float = 0.0, hard_mask: torch.Tensor | None = None,
-                soft_weight: torch.Tensor | None = None) -> float:
+                soft_weight: torch.Tensor | None = None, hard_weight: torch.Tensor | None = None) -> float:
     """One epoch of the unpatched model over `data` in shuffled minibatches: CE on the labels
     (+ λ·CE on the probabilities `soft`, MoMoDistill step 1's distillation). `hard_mask` (N,) marks the
     rows that carry a real label; the others (unlabelled candidates) learn from `soft` only.
-    `soft_weight` (N,), optional: each row's weight in the distillation term (mean 1 over `data`).
+    `soft_weight` (N,), optional: each row's weight in the distillation term (mean 1 over `data`);
+    `hard_weight` (N,), optional: each labelled row's weight in the label term (mean 1 over those rows).
     Returns the mean loss."""
     total, count = 0.0, 0
     for idx in minibatches(size(data), batch_size, gen):
         b = take(data, idx)
         out = _unpatched(model, b)
-        if hard_mask is None:
+        if hard_mask is None and hard_weight is None:
             loss = bce(out, b["label"])
         else:
-            w = hard_mask[idx]
-            loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / w.sum().clamp(min=1.0)
+            mask = hard_mask[idx] if hard_mask is not None else torch.ones(len(idx))
+            w = mask * hard_weight[idx] if hard_weight is not None else mask
+            loss = (F.binary_cross_entropy_with_logits(out, b["label"], reduction="none") * w).sum() / mask.sum().clamp(min=1.0)
         if soft is not None and lam > 0:
             if soft_weight is None:
                 loss = loss + lam * bce(out, soft[idx])

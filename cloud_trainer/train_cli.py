@@ -43,7 +43,7 @@ def run(args) -> int:
         tuning = tune(ctx, cfg)         # writes the choices into cfg (saved below, read by `dccl export`)
         print(f"tuned on validation slices: device steps {cfg.device.steps} (on a new MoMoDistill bundle: "
               f"{cfg.bundle_device().steps}; uploading from one in later rounds: {cfg.upload_device(1).steps}), "
-              f"MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
+              f"cloud update balance {cfg.cloud.update_balance:g}, MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
               f"{cfg.momodistill.kd_balance:g} step-2 balance {cfg.momodistill.step2_balance:g} target "
               f"{cfg.momodistill.step2_target}, starting φ: {cfg.start.warm} "
               f"(cold start: {cfg.start.cold})", file=sys.stderr)

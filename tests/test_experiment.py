@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cloud_trainer.config import build_config
+from cloud_trainer.context import build_context
 from cloud_trainer.data import build_eval_set, make_split, make_synthetic
 from cloud_trainer.evaluate import paired_ci, per_row, per_user, score_eval_set
 from cloud_trainer.experiment import run_experiment, write_outputs
@@ -521,14 +522,57 @@ def test_choices_on_validation_slices_never_read_the_slices_items_as_history(tin
     same_starts(runs, 1)
 
 
-def test_momodistill_without_distillation_is_model_over_data(tiny_ds):
-    """λ = 0 and no unlabelled candidates: step 1 is exactly the model-over-data update."""
-    cfg = tiny_config(strategies=["model-over-data", "dccl"], tune=False, **{"momodistill.lam": 0.0})
+@pytest.mark.parametrize("balance", [0.0, 1.0])
+def test_momodistill_without_distillation_is_model_over_data(tiny_ds, balance):
+    """λ = 0 and no unlabelled candidates: step 1 is exactly the model-over-data update, whatever
+    the cloud update's balance (both updates weigh the labels the same way)."""
+    cfg = tiny_config(strategies=["model-over-data", "dccl"], tune=False,
+                      **{"momodistill.lam": 0.0, "cloud.update_balance": balance})
     res = run_experiment(cfg, tiny_ds, progress=False)["strategies"]
     for r in range(2):
         a, b = res["momodistill"]["rounds"][r]["overall"], res["model-over-data"]["rounds"][r]["overall"]
         for m in ("auc", "gauc", "ndcg@10"):
             assert a[m]["mean"] == pytest.approx(b[m]["mean"], abs=1e-4)
+
+
+def test_the_update_balance_is_chosen_on_validation_and_reaches_both_cloud_updates(tiny_ds, monkeypatch):
+    """tune_update_balance: each value replays model-over-data's update on the fresh windows minus the
+    validation slices (the slices' rows never trained on) and is scored on them; the choice is written to
+    cloud.update_balance, recorded in the tuning, and used by model-over-data and by every MoMoDistill
+    step 1 — the replays behind MoMoDistill's own choices included."""
+    from cloud_trainer import experiment, strategies, train
+
+    fits, steps, scored = [], [], []
+    real_fit, real_step1, real_choose = train.fit_cloud, strategies.step1, experiment.choose_within_noise
+
+    def fit(model, data, *a, balance=0.0, **kw):
+        fits.append((len(data["label"]), balance))
+        return real_fit(model, data, *a, balance=balance, **kw)
+
+    def step1(*a, label_balance=0.0, **kw):
+        steps.append(label_balance)
+        return real_step1(*a, label_balance=label_balance, **kw)
+
+    def choose(scores):
+        if set(scores) == {"0", "1"}:
+            scored.append(scores)
+            return "1"  # the balanced update, so that its use can be seen downstream
+        return real_choose(scores)
+
+    monkeypatch.setattr(experiment, "fit_cloud", fit)
+    monkeypatch.setattr(strategies, "fit_cloud", fit)
+    monkeypatch.setattr(strategies, "step1", step1)
+    monkeypatch.setattr(experiment, "choose_within_noise", choose)
+    cfg = tiny_config(strategies=["model-over-data", "dccl"], tune_update_balance=[0.0, 1.0])
+    res = run_experiment(cfg, tiny_ds, progress=False)
+    assert res["tuning"]["cloud.update_balance"]["chosen"] == 1.0 and cfg.cloud.update_balance == 1.0
+    assert set(res["tuning"]["cloud.update_balance"]["val_gauc"]) == {"0", "1"} and len(scored) == 1
+    replays, updates = fits[:2], fits[2:]
+    assert [b for _, b in replays] == [0.0, 1.0]
+    ctx = build_context(tiny_ds, cfg, 0)
+    assert all(n == len(ctx.rounds[0].fresh_train["label"]) for n, _ in replays)  # never the slices' rows
+    assert [b for _, b in updates] == [1.0, 1.0]  # model-over-data's two rounds
+    assert steps and all(b == 1.0 for b in steps)  # every step 1: tuning's replays and DCCL's rounds
 
 
 def test_same_seed_same_results(tiny_ds):
@@ -555,6 +599,8 @@ def test_same_seed_same_results(tiny_ds):
     (["--set", "momodistill.kd_balance=-0.5"], "kd_balance = -0.5"),
     (["--set", "tune_step2_balance=[0, 1.5]"], "value 1 = 1.5 must be in [0, 1]"),
     (["--set", "momodistill.step2_balance=2"], "step2_balance = 2"),
+    (["--set", "tune_update_balance=[0, -1]"], "value 1 = -1 must be in [0, 1]"),
+    (["--set", "cloud.update_balance=3"], "cloud.update_balance"),
     (["--set", 'tune_step2_target=["device", "x"]'], 'tune_step2_target.1 = "x": Input should be'),
     (["--set", 'momodistill.step2_target="x"'], "step2_target = 'x': must be one of device, delta"),
     (["--set", "meta.encoder_from_cloud=3"], "encoder_from_cloud"),

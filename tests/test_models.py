@@ -272,7 +272,7 @@ def test_step1_candidates_are_the_positives_rows_with_fresh_items_per_epoch():
 def test_kd_balance_gives_every_device_model_the_same_weight():
     """kd_balance 1: each device's rows share one device's worth of the distillation term, however many
     rows it holds; 0 (the default) leaves step 1 as it was (every row alike)."""
-    from cloud_trainer.momodistill import device_balance
+    from cloud_trainer.train import device_balance
 
     owner = torch.tensor([0] * 6 + [1] * 3 + [2])
     w = device_balance(owner, 1.0)
@@ -298,7 +298,7 @@ def test_kd_balance_gives_every_device_model_the_same_weight():
 def test_step2_balance_weighs_every_device_alike():
     """step2_balance 1: step 2's loss is the mean over devices of each device's mean row loss (a tail
     device counts as much as an active one); 0 (the default) the mean over rows, as before."""
-    from cloud_trainer.momodistill import device_balance
+    from cloud_trainer.train import device_balance
 
     data = batch(120, n_owners=3, seed=5)
     data["owner"] = torch.tensor([0] * 90 + [1] * 25 + [2] * 5)
@@ -325,6 +325,29 @@ def test_step2_balance_weighs_every_device_alike():
     assert first[0.0] != pytest.approx(first[1.0])
     with pytest.raises(ValueError, match="step2_balance = 1.5"):
         MoMoDistillConfig(step2_balance=1.5)
+
+
+def test_update_balance_weighs_every_devices_fresh_data_alike_in_both_cloud_updates():
+    """cloud.update_balance 1: the label term of model-over-data's update (`fit_cloud`) and of
+    MoMoDistill step 1 (with or without unlabelled candidates) is the mean over devices of each
+    device's mean row loss; 0 the mean over rows, as before. Checked on the first epoch's loss with a
+    zero learning rate (one batch holds every row)."""
+    from cloud_trainer.train import _unpatched, fit_cloud
+
+    data = batch(120, n_owners=3, seed=5)
+    data["owner"] = torch.tensor([0] * 90 + [1] * 25 + [2] * 5)
+    m = tiny()
+    with torch.no_grad():
+        rows = torch.nn.functional.binary_cross_entropy_with_logits(_unpatched(m, data), data["label"], reduction="none")
+    want = {0.0: float(rows.mean()), 1.0: float(torch.stack([rows[data["owner"] == d].mean() for d in range(3)]).mean())}
+    assert want[0.0] != pytest.approx(want[1.0])
+    for bal in (0.0, 1.0):
+        got = fit_cloud(m, data, list(m.cloud_parameters().values()), 1, 0.0, batch_size=1000, balance=bal)[0]
+        assert got == pytest.approx(want[bal], rel=1e-5)
+        for kd in (0, 1):
+            cfg = MoMoDistillConfig(step1_epochs=1, step1_lr=0.0, lam=0.0, kd_extra=kd, batch_size=1000)
+            got = step1(m, data, torch.randn(3, 6), cfg, N_ITEMS, label_balance=bal)[0][0]
+            assert got == pytest.approx(want[bal], rel=1e-5), (bal, kd)
 
 
 def test_encoder_from_cloud_starts_meta_training_from_the_cloud_models_embeddings():
