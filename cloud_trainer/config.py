@@ -86,6 +86,9 @@ class ExperimentConfig(BaseModel):
     # the pooled loss (0.8749 against 0.8644), while on the future window it gains +0.0012 gAUC in round 1
     # and loses 0.0035 in round 2, the head quintile paying for the tail (docs/EXPERIMENTS.md, session 17).
     tune_update_balance: list[float] = Field(default_factory=list)
+    # With tune_update_balance: model-over-data and DCCL choose their update balance anew in every round
+    # r >= 1, each from its own cloud model on that round's validation slices (`strategies.round_update_balance`).
+    update_balance_each_round: bool = True
     # MoMoDistill settings tried on the validation slices (λ, unlabelled candidates per positive per
     # epoch). Only settings within the step-1 cost bar (<= 1.5x a plain epoch): kd_extra 1 costs ~1.4x,
     # 2 ~1.65x (`python bench/bench_momodistill.py`).

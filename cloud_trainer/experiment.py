@@ -6,7 +6,6 @@ Choices (the on-device step budget) are made on validation slices only, never on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -21,9 +20,8 @@ from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
 from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill,
-                                      choose_steps_by_positives, cloud_scorer, replay_step1, tune_device_steps,
-                                      validation_gauc)
-from cloud_trainer.train import fit_cloud
+                                      choose_steps_by_positives, choose_update_balance, replay_step1,
+                                      tune_device_steps, validation_gauc)
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -115,8 +113,9 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
                     users[key][seed][_r] = per_user(_ev, scores)
 
                 strategy.run_round(ctx, r, report)
-            if getattr(strategy, "choices", None):
-                tuning.setdefault("momodistill_each_round", {})[str(seed)] = strategy.choices
+            if getattr(strategy, "choices", None):  # choices made anew in later rounds, on their slices
+                key = "momodistill_each_round" if name == "dccl" else f"{name}_each_round"
+                tuning.setdefault(key, {})[str(seed)] = strategy.choices
             t_seed[name] = time.perf_counter() - t0
             bar.update(1)
         timings.append(t_seed)
@@ -134,7 +133,7 @@ def tune(ctx, cfg) -> dict:
     evaluate_val = validation_gauc(ctx, 0)
     out = {}
     if len(cfg.tune_update_balance) > 1 and {"model-over-data", "dccl"} & set(cfg.strategies):
-        out["cloud.update_balance"] = tune_update_balance(ctx, cfg, evaluate_val)
+        out["cloud.update_balance"] = tune_update_balance(ctx, cfg)
     phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
@@ -172,22 +171,13 @@ def tune(ctx, cfg) -> dict:
     return out
 
 
-def tune_update_balance(ctx, cfg, evaluate_val) -> dict:
-    """Choose how the fresh rows share the cloud update's label term (`cloud.update_balance`, from
-    `cfg.tune_update_balance`) on round 0's validation slices: model-over-data's update replayed on a
-    copy of the stale model for each value, on the fresh windows minus the slices, scored there (one-SE
-    rule; the first listed wins near-ties). Judged without the device models, so MoMoDistill's own
-    choices — all made after this, with the chosen balance — still compare distillation with the
-    labels on equal terms. Written to cfg.cloud.update_balance."""
-    c, scores = cfg.cloud, {}
-    for v in dict.fromkeys(float(v) for v in cfg.tune_update_balance):
-        model = copy.deepcopy(ctx.model)
-        fit_cloud(model, ctx.rounds[0].fresh_train, list(model.cloud_parameters().values()), c.update_epochs, c.lr,
-                  c.batch_size, seed=ctx.seed, balance=v)
-        scores[f"{v:g}"] = evaluate_val(cloud_scorer(model, ctx.ds.profile))
-    best = choose_within_noise(scores)
-    c.update_balance = float(best)
-    return {"chosen": c.update_balance, "val_gauc": mean_scores(scores)}
+def tune_update_balance(ctx, cfg) -> dict:
+    """Choose `cloud.update_balance` (from `cfg.tune_update_balance`) on round 0's validation slices
+    (`strategies.choose_update_balance` from the stale model); written to cfg.cloud.update_balance.
+    With `update_balance_each_round`, model-over-data and DCCL choose anew in every later round."""
+    choice = choose_update_balance(ctx, ctx.model, 0, cfg.tune_update_balance, seed=ctx.seed)
+    cfg.cloud.update_balance = choice["chosen"]
+    return choice
 
 
 def tune_upload_steps(ctx, cfg, evaluate_val_r1) -> dict:
@@ -508,10 +498,11 @@ def _choices_markdown(tuning: dict) -> list[str]:
     if not tuning:
         return []
     lines = ["", "Choices made on validation slices (seed 0, round 1's slices; upload_device.steps on round 2's; "
-             "momodistill chosen anew on each later round's slices of each seed; one-SE rule), with each option's "
+             "momodistill and the update balance chosen anew on each later round's slices of each seed; one-SE "
+             "rule), with each option's "
              "validation gAUC:", ""]
     for name, rec in tuning.items():
-        if name == "momodistill_each_round":
+        if name.endswith("_each_round"):
             continue
         if "brackets" in rec:  # a budget per bracket of training positives
             per = "; ".join(f"{lo} positives, {b['devices']} devices: {b['chosen']} ("
@@ -522,12 +513,19 @@ def _choices_markdown(tuning: dict) -> list[str]:
         options = "; ".join(f"{_setting(json.loads(k)) if str(k).startswith('{') else k}: {v:.5f}"
                             for k, v in rec["val_gauc"].items())
         lines.append(f"- {name}: **{_setting(rec['chosen'])}** ({options})")
-    for seed, rounds in tuning.get("momodistill_each_round", {}).items():
-        chosen = "; ".join(f"round {int(r) + 1}: {_setting(c['chosen'])}"
-                           + (f", step-2 target {c['step2_target']['chosen']}" if "step2_target" in c else "")
-                           for r, c in rounds.items())
-        lines.append(f"- momodistill, chosen anew (seed {seed}): {chosen}")
+    for key, who in (("momodistill_each_round", "momodistill"), ("model-over-data_each_round", "model-over-data")):
+        for seed, rounds in tuning.get(key, {}).items():
+            chosen = "; ".join(f"round {int(r) + 1}: " + ", ".join(_round_choice(c)) for r, c in rounds.items())
+            lines.append(f"- {who}, chosen anew (seed {seed}): {chosen}")
     return lines
+
+
+def _round_choice(c: dict) -> list[str]:
+    """One later round's choices (strategies.DCCL / ModelOverData `choices`), as the report lists them."""
+    parts = [f"update balance {c['update_balance']['chosen']:g}"] if "update_balance" in c else []
+    parts += [_setting(c["chosen"])] if "chosen" in c else []
+    parts += [f"step-2 target {c['step2_target']['chosen']}"] if "step2_target" in c else []
+    return parts
 
 
 def write_outputs(results: dict, out: Path) -> None:

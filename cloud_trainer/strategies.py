@@ -81,11 +81,47 @@ class StaleCloud(Strategy):
 class ModelOverData(Strategy):
     name, keys = "model-over-data", ("model-over-data",)
 
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.choices: dict[str, dict] = {}  # str(round) -> the update balance chosen in it (update_balance_each_round)
+
     def run_round(self, ctx, r, report):
         c = ctx.cfg.cloud
+        balance = round_update_balance(ctx, self.model, r, self.choices)
         fit_cloud(self.model, ctx.rounds[r].fresh, list(self.model.cloud_parameters().values()),
-                  c.update_epochs, c.lr, c.batch_size, seed=ctx.seed * 100 + r, balance=c.update_balance)
+                  c.update_epochs, c.lr, c.batch_size, seed=ctx.seed * 100 + r, balance=balance)
         report("model-over-data", cloud_scorer(self.model, ctx.ds.profile))
+
+
+def choose_update_balance(ctx: SeedContext, model, r: int, values: list[float], seed: int) -> dict:
+    """Choose how the fresh rows share the cloud update's label term (`CloudConfig.update_balance`) for
+    round r on its validation slices: model-over-data's update replayed on a copy of `model` for each
+    value, on the fresh windows minus the slices, each copy scored on the slices (one-SE rule; the first
+    listed wins near-ties). Judged without the device models, so MoMoDistill's own choices — made after
+    this, with the chosen balance — still compare distillation with the labels on equal terms.
+    Returns {"chosen": float, "val_gauc": {value: mean gAUC}}."""
+    c, scores = ctx.cfg.cloud, {}
+    evaluate_val = validation_gauc(ctx, r)
+    for v in dict.fromkeys(float(v) for v in values):
+        replay = copy.deepcopy(model)
+        fit_cloud(replay, ctx.rounds[r].fresh_train, list(replay.cloud_parameters().values()), c.update_epochs, c.lr,
+                  c.batch_size, seed=seed, balance=v)
+        scores[f"{v:g}"] = evaluate_val(cloud_scorer(replay, ctx.ds.profile))
+    return {"chosen": float(choose_within_noise(scores)), "val_gauc": mean_scores(scores)}
+
+
+def round_update_balance(ctx: SeedContext, model, r: int, choices: dict[str, dict]) -> float:
+    """The update balance of round r for a cloud model `model` (model-over-data's or DCCL's own): round
+    0 uses `cloud.update_balance` (tuning's choice); with `update_balance_each_round`, every later
+    round chooses anew from `model` on its own validation slices (`choose_update_balance`), recorded
+    in `choices[str(r)]["update_balance"]` — a balance that suits one update need not suit the next,
+    which starts from a model already weighted towards the tail."""
+    cfg = ctx.cfg
+    if r >= 1 and cfg.tune and cfg.update_balance_each_round and len(cfg.tune_update_balance) > 1:
+        choice = choose_update_balance(ctx, model, r, cfg.tune_update_balance, seed=ctx.seed * 100 + r)
+        choices.setdefault(str(r), {})["update_balance"] = choice
+        return choice["chosen"]
+    return cfg.cloud.update_balance
 
 
 class FullPatch(Strategy):
@@ -158,7 +194,8 @@ class DCCL(Strategy):
     def setup(self, ctx):
         super().setup(ctx)
         self.phi = torch.zeros(ctx.n_users, self.model.phi_dim)
-        # str(round) -> the MoMoDistill setting chosen in it (momodistill_each_round), as results.json keeps it
+        # str(round) -> the MoMoDistill setting (momodistill_each_round) and update balance
+        # (update_balance_each_round) chosen in it, as results.json keeps them
         self.choices: dict[str, dict] = {}
         # The setting in use (a tune_momodistill candidate; None if cfg.momodistill is none of them): a
         # later round's choice keeps it unless another candidate is clearly better (`choose_momodistill`;
@@ -170,14 +207,16 @@ class DCCL(Strategy):
         report("bundle-in", cloud_scorer(self.model, ctx.ds.profile))
         uploaded, _ = personalize_all(self.model, start_phi(self.encoder, ctx, r, self.phi), rd.fresh_train, rd.val, dev)
         report("dccl-upload", device_scorer(self.model, ctx.ds.profile, uploaded))
+        balance = round_update_balance(ctx, self.model, r, self.choices)
         if r >= 1 and ctx.cfg.tune and ctx.cfg.momodistill_each_round and ctx.cfg.tune_momodistill:
             # MoMoDistill's setting chosen anew for this round, on its validation slices, with device
             # models that have not read those slices (`blind_uploads`).
             teachers = blind_uploads(self.model, blind_start_phi(self.encoder, ctx, r, self.phi), rd, dev)
             choice = choose_momodistill(ctx, self.model, r, teachers, ctx.cfg.tune_momodistill, seed=ctx.seed * 100 + r,
-                                        incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None)
+                                        incumbent=self.incumbent if ctx.cfg.momodistill_keep_incumbent else None,
+                                        label_balance=balance)
             m, self.incumbent = choice["config"], choice["chosen"]
-            self.choices[str(r)] = {"chosen": choice["chosen"], "val_gauc": mean_scores(choice["scores"])}
+            self.choices.setdefault(str(r), {}).update(chosen=choice["chosen"], val_gauc=mean_scores(choice["scores"]))
             if len(ctx.cfg.tune_step2_target) > 1:
                 # And what step 2 distils, on the same slices: step 2 replayed on the chosen replay.
                 target = choose_step2_target(ctx, r, self.model, self.encoder, choice["replay"], teachers, m,
@@ -189,7 +228,7 @@ class DCCL(Strategy):
         # (and, with kd_extra, unlabelled candidates of each user).
         before = logits(self.model, rd.fresh) if m.step2_target == "delta" else None
         _, teacher = step1(self.model, rd.fresh, uploaded, m, ctx.ds.n_items, seed=ctx.seed * 100 + r,
-                           label_balance=ctx.cfg.cloud.update_balance)
+                           label_balance=balance)
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
         step2(self.model, self.encoder, rd.fresh, teacher, uploaded, ctx.profile, rd.seq, m,
               seed=ctx.seed * 100 + r, before=before)
@@ -241,12 +280,15 @@ def blind_uploads(model, phi0: torch.Tensor, rd, cfg: DeviceTrainConfig) -> torc
     return phi
 
 
-def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg, seed: int) -> tuple:
+def replay_step1(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, m_cfg, seed: int,
+                 label_balance: float | None = None) -> tuple:
     """MoMoDistill step 1 of round r on a copy of `model`, on the fresh windows minus the validation
-    slices, taught by `uploaded`: (the copy, the device models' logits on the logged rows)."""
+    slices, taught by `uploaded`, with the round's update balance (None: `cloud.update_balance`):
+    (the copy, the device models' logits on the logged rows)."""
     model = copy.deepcopy(model)
+    balance = ctx.cfg.cloud.update_balance if label_balance is None else label_balance
     _, teacher = step1(model, ctx.rounds[r].fresh_train, uploaded, m_cfg, ctx.ds.n_items, seed=seed,
-                       label_balance=ctx.cfg.cloud.update_balance)
+                       label_balance=balance)
     return model, teacher
 
 
@@ -256,7 +298,7 @@ def grid_candidate(grid: list[dict], m_cfg) -> dict | None:
 
 
 def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, grid: list[dict],
-                       seed: int, incumbent: dict | None = None) -> dict:
+                       seed: int, incumbent: dict | None = None, label_balance: float | None = None) -> dict:
     """Choose MoMoDistill's step-1 setting (λ, kd_extra, kd_balance) for round r on its validation
     slices: the device models `uploaded` (trained on the fresh windows minus those slices) teach a copy
     of `model` on the same rows (`replay_step1`), and each copy is scored on the held-out slices;
@@ -273,7 +315,7 @@ def choose_momodistill(ctx: SeedContext, model, r: int, uploaded: torch.Tensor, 
     for cand in grid:
         key = json.dumps(cand, sort_keys=True)
         m_cfg = replace(ctx.cfg.momodistill, **momodistill_setting(cand))
-        replays[key] = (*replay_step1(ctx, model, r, uploaded, m_cfg, seed), m_cfg)
+        replays[key] = (*replay_step1(ctx, model, r, uploaded, m_cfg, seed, label_balance), m_cfg)
         scores[key] = evaluate_val(cloud_scorer(replays[key][0], ctx.ds.profile))
     key = choose_within_noise(scores)
     copy_, teacher, m_cfg = replays[key]

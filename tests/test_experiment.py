@@ -356,9 +356,9 @@ def test_momodistill_each_round_chooses_on_that_rounds_validation_slices(tiny_ds
     grid = [{"lam": 0.0, "kd_extra": 0}, {"lam": 4.0, "kd_extra": 1, "kd_balance": 1.0}]
     runs = []
 
-    def recording(model, data, phi, m, n_items, seed):
+    def recording(model, data, phi, m, n_items, seed, label_balance=0.0):
         runs.append((len(data["label"]), m.lam, m.kd_extra, m.kd_balance))
-        return step1(model, data, phi, m, n_items, seed=seed)
+        return step1(model, data, phi, m, n_items, seed=seed, label_balance=label_balance)
 
     step1 = S.step1
     monkeypatch.setattr(S, "step1", recording)
@@ -535,15 +535,17 @@ def test_momodistill_without_distillation_is_model_over_data(tiny_ds, balance):
             assert a[m]["mean"] == pytest.approx(b[m]["mean"], abs=1e-4)
 
 
-def test_the_update_balance_is_chosen_on_validation_and_reaches_both_cloud_updates(tiny_ds, monkeypatch):
+@pytest.mark.parametrize("each_round", [False, True])
+def test_the_update_balance_is_chosen_on_validation_and_reaches_both_cloud_updates(tiny_ds, monkeypatch, each_round):
     """tune_update_balance: each value replays model-over-data's update on the fresh windows minus the
-    validation slices (the slices' rows never trained on) and is scored on them; the choice is written to
-    cloud.update_balance, recorded in the tuning, and used by model-over-data and by every MoMoDistill
-    step 1 — the replays behind MoMoDistill's own choices included."""
-    from cloud_trainer import experiment, strategies, train
+    validation slices (the slices' rows never trained on) and is scored on them; round 0's choice is
+    written to cloud.update_balance and recorded in the tuning. Model-over-data and every MoMoDistill
+    step 1 (the replays behind MoMoDistill's own choices included) use it — and with
+    update_balance_each_round, each later round's choice, made by each strategy from its own model."""
+    from cloud_trainer import strategies, train
 
     fits, steps, scored = [], [], []
-    real_fit, real_step1, real_choose = train.fit_cloud, strategies.step1, experiment.choose_within_noise
+    real_fit, real_step1, real_choose = train.fit_cloud, strategies.step1, strategies.choose_within_noise
 
     def fit(model, data, *a, balance=0.0, **kw):
         fits.append((len(data["label"]), balance))
@@ -556,23 +558,40 @@ def test_the_update_balance_is_chosen_on_validation_and_reaches_both_cloud_updat
     def choose(scores):
         if set(scores) == {"0", "1"}:
             scored.append(scores)
-            return "1"  # the balanced update, so that its use can be seen downstream
+            return "1" if len(scored) == 1 else "0"  # round 0: balanced; later rounds: back to the pooled loss
         return real_choose(scores)
 
-    monkeypatch.setattr(experiment, "fit_cloud", fit)
     monkeypatch.setattr(strategies, "fit_cloud", fit)
     monkeypatch.setattr(strategies, "step1", step1)
-    monkeypatch.setattr(experiment, "choose_within_noise", choose)
-    cfg = tiny_config(strategies=["model-over-data", "dccl"], tune_update_balance=[0.0, 1.0])
+    monkeypatch.setattr(strategies, "choose_within_noise", choose)
+    cfg = tiny_config(strategies=["model-over-data", "dccl"], tune_update_balance=[0.0, 1.0],
+                      update_balance_each_round=each_round)
     res = run_experiment(cfg, tiny_ds, progress=False)
-    assert res["tuning"]["cloud.update_balance"]["chosen"] == 1.0 and cfg.cloud.update_balance == 1.0
-    assert set(res["tuning"]["cloud.update_balance"]["val_gauc"]) == {"0", "1"} and len(scored) == 1
-    replays, updates = fits[:2], fits[2:]
-    assert [b for _, b in replays] == [0.0, 1.0]
+    tuning = res["tuning"]
+    assert tuning["cloud.update_balance"]["chosen"] == 1.0 and cfg.cloud.update_balance == 1.0
+    assert set(tuning["cloud.update_balance"]["val_gauc"]) == {"0", "1"}
     ctx = build_context(tiny_ds, cfg, 0)
-    assert all(n == len(ctx.rounds[0].fresh_train["label"]) for n, _ in replays)  # never the slices' rows
-    assert [b for _, b in updates] == [1.0, 1.0]  # model-over-data's two rounds
-    assert steps and all(b == 1.0 for b in steps)  # every step 1: tuning's replays and DCCL's rounds
+    n_train = [len(ctx.rounds[r].fresh_train["label"]) for r in range(2)]
+    n_fresh = [len(ctx.rounds[r].fresh["label"]) for r in range(2)]
+    assert fits[:2] == [(n_train[0], 0.0), (n_train[0], 1.0)]  # round 0's replays, never the slices' rows
+    if not each_round:
+        assert len(scored) == 1 and fits[2:] == [(n_fresh[0], 1.0), (n_fresh[1], 1.0)]  # model-over-data's rounds
+        assert steps and all(b == 1.0 for b in steps)  # every step 1: tuning's replays and DCCL's rounds
+        assert not any(k.endswith("_each_round") and k != "momodistill_each_round" for k in tuning)
+        return
+    # Round 1: model-over-data replays both values on round 1's rows and its own model, then trains
+    # with its choice; DCCL does the same before MoMoDistill's choice, whose replays use that balance.
+    assert len(scored) == 3
+    assert fits[2:] == [(n_fresh[0], 1.0), (n_train[1], 0.0), (n_train[1], 1.0), (n_fresh[1], 0.0),
+                        (n_train[1], 0.0), (n_train[1], 1.0)]
+    assert tuning["model-over-data_each_round"]["0"]["1"]["update_balance"]["chosen"] == 0.0
+    assert tuning["momodistill_each_round"]["0"]["1"]["update_balance"]["chosen"] == 0.0
+    k = len(cfg.tune_momodistill)
+    assert steps[:k + 1] == [1.0] * (k + 1)  # round 0: tuning's replays and DCCL's step 1
+    assert steps[k + 1:] == [0.0] * (k + 1)  # round 1: its replays and DCCL's step 1
+    md = res["table_md"]
+    assert "model-over-data, chosen anew (seed 0): round 2: update balance 0" in md
+    assert "momodistill, chosen anew (seed 0): round 2: update balance 0, " in md
 
 
 def test_same_seed_same_results(tiny_ds):
@@ -699,7 +718,7 @@ def test_a_later_round_keeps_the_incumbent_momodistill_setting_unless_another_is
     for val in ({key(distil): base + 0.0005 + rng.normal(0, 0.02, 400), key(labels): base},
                 {key(distil): base + 0.02 + rng.normal(0, 0.02, 400), key(labels): base}):
         # Each candidate's replayed model is its MoMoDistillConfig; its validation scores come from `val`.
-        monkeypatch.setattr(S, "replay_step1", lambda ctx, model, r, up, m_cfg, seed: (m_cfg, None))
+        monkeypatch.setattr(S, "replay_step1", lambda ctx, model, r, up, m_cfg, seed, balance=None: (m_cfg, None))
         monkeypatch.setattr(S, "cloud_scorer", lambda m_cfg, profile: m_cfg)
         monkeypatch.setattr(S, "validation_gauc", lambda ctx, r, val=val: lambda m_cfg: val[key(
             {"lam": m_cfg.lam, "kd_extra": m_cfg.kd_extra})])
