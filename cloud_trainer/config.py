@@ -82,9 +82,11 @@ class ExperimentConfig(BaseModel):
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
     # one-SE rule, the first listed wins near-ties). Empty (the default): keep cloud.update_balance as
-    # configured. Off because validation misjudges it: on ML-100K the slices score balance 1 far above
-    # the pooled loss (0.8749 against 0.8644), while on the future window it gains +0.0012 gAUC in round 1
-    # and loses 0.0035 in round 2, the head quintile paying for the tail (docs/EXPERIMENTS.md, session 17).
+    # configured. Off: on ML-100K the slices score balance 1 far above the pooled loss (0.8749 against
+    # 0.8644), but on the future window the balance suits some seeds and not others (round 1: +0.0075,
+    # +0.0058, −0.0101 with seed 0's choice), it takes the place of MoMoDistill's gain rather than adding
+    # to it, and DCCL ends 0.0054 gAUC below the pooled loss after two rounds, even with the balance
+    # chosen anew in round 2 (docs/EXPERIMENTS.md, session 17).
     tune_update_balance: list[float] = Field(default_factory=list)
     # With tune_update_balance: model-over-data and DCCL choose their update balance anew in every round
     # r >= 1, each from its own cloud model on that round's validation slices (`strategies.round_update_balance`).
