@@ -497,9 +497,9 @@ def _choices_markdown(tuning: dict) -> list[str]:
     `tuning`), so a report shows what its numbers were run with."""
     if not tuning:
         return []
+    anew = "momodistill and the update balance" if "cloud.update_balance" in tuning else "momodistill"
     lines = ["", "Choices made on validation slices (seed 0, round 1's slices; upload_device.steps on round 2's; "
-             "momodistill and the update balance chosen anew on each later round's slices of each seed; one-SE "
-             "rule), with each option's "
+             f"{anew} chosen anew on each later round's slices of each seed; one-SE rule), with each option's "
              "validation gAUC:", ""]
     for name, rec in tuning.items():
         if name.endswith("_each_round"):
