@@ -79,6 +79,11 @@ class ExperimentConfig(BaseModel):
     # `full_patch_device`; shipped as the manifest's optimizer.steps_by_positives. Off by default
     # (docs/EXPERIMENTS.md, session 15, measured it).
     tune_steps_by_positives: bool = False
+    # meta.episodes values tried on round 0's validation slices (seed 0): Θ and g meta-trained with
+    # each, every device's φ trained on the fresh windows minus the slices from g's φ, the best step
+    # budget of each scored on the slices (`experiment.tune_meta_episodes`; one-SE rule, the first
+    # listed wins near-ties). Empty: keep meta.episodes as configured.
+    tune_meta_episodes: list[Literal["sampled", "device"]] = Field(default_factory=list)
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
     # one-SE rule, the first listed wins near-ties). Empty (the default): keep cloud.update_balance as

@@ -63,6 +63,9 @@ class SeedContext:
     encoder: PatchEncoder
     timings: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
+    # For choosing how Θ and g are meta-trained (`tune_meta_episodes`): meta_train's inputs and the
+    # model and encoder as they stood before it (W_f pretrained, Θ and g initialised). None otherwise.
+    meta_inputs: dict | None = None
 
     def fresh_copy(self):
         return copy.deepcopy(self.model), copy.deepcopy(self.encoder)
@@ -137,13 +140,19 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
                                     seed=seed, progress=progress)
     timings["pretrain"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    meta_inputs = None
     if not cfg.metapatch.full:
+        ft0 = rounds[0].fresh_train  # episodes="device": supports sized as the devices' fresh windows
+        positives = np.bincount(ft0["owner"].numpy(), weights=(ft0["label"].numpy() > 0), minlength=ds.n_users)
+        if len(cfg.tune_meta_episodes) > 1:
+            meta_inputs = {"support": support, "query": query, "user_profile": profile, "user_seq": support_seq,
+                           "seed": seed, "support_positives": positives, "before": copy.deepcopy((model, encoder))}
         history["meta_train"] = meta_train(model, encoder, support, query, profile, support_seq, cfg.meta,
-                                           seed=seed, progress=progress)
+                                           seed=seed, progress=progress, support_positives=positives)
     timings["meta_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     history["catch_up"] = fit_cloud(model, query, cloud_params, cc.update_epochs, cc.lr, cc.batch_size,
                                     seed=seed + 1, progress=progress)
     timings["catch_up"] = time.perf_counter() - t0
     return SeedContext(ds=ds, cfg=cfg, seed=seed, split=split, profile=profile, rounds=rounds, model=model,
-                       encoder=encoder, timings=timings, history=history)
+                       encoder=encoder, timings=timings, history=history, meta_inputs=meta_inputs)

@@ -6,6 +6,7 @@ Choices (the on-device step budget) are made on validation slices only, never on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from cloud_trainer.config import DATASETS, STRATEGIES, build_config, momodistill_setting
 from cloud_trainer.context import build_context
 from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, per_user, score_eval_set, summarize
+from cloud_trainer.patch_generator import meta_train
 from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill,
                                       choose_steps_by_positives, choose_update_balance, replay_step1,
                                       tune_device_steps, validation_gauc)
@@ -134,6 +136,8 @@ def tune(ctx, cfg) -> dict:
     out = {}
     if len(cfg.tune_update_balance) > 1 and {"model-over-data", "dccl"} & set(cfg.strategies):
         out["cloud.update_balance"] = tune_update_balance(ctx, cfg)
+    if len(cfg.tune_meta_episodes) > 1 and ctx.meta_inputs is not None:
+        out["meta.episodes"] = tune_meta_episodes(ctx, cfg, evaluate_val)
     phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
@@ -169,6 +173,37 @@ def tune(ctx, cfg) -> dict:
             out["upload_device.steps"] = tune_upload_steps(
                 ctx, cfg, validation_gauc(ctx, 1))
     return out
+
+
+def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:
+    """Choose `meta.episodes` (from `cfg.tune_meta_episodes`) on round 0's validation slices: Θ and g
+    meta-trained with each kind of episode from the same start (`ctx.meta_inputs`), each scored by its
+    devices' best step budget (φ from g, blind to the slices, trained on the fresh windows minus them).
+    W_f does not depend on Θ (a device-free forward pass skips the patches), so every option shares
+    the seed's cloud model. Writes the choice into cfg (later seeds meta-train with it) and puts its Θ
+    and g into ctx."""
+    mi, zero = ctx.meta_inputs, torch.zeros(ctx.n_users, ctx.model.phi_dim)
+    candidates, per_user_best, record = {}, {}, {}
+    for episodes in cfg.tune_meta_episodes:
+        if episodes == cfg.meta.episodes:
+            model, encoder, history = ctx.model, ctx.encoder, ctx.history.get("meta_train")
+        else:
+            before, encoder = copy.deepcopy(mi["before"])
+            history = meta_train(before, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
+                                 replace(cfg.meta, episodes=episodes), seed=mi["seed"],
+                                 support_positives=mi["support_positives"])
+            model = copy.deepcopy(ctx.model)
+            with torch.no_grad():
+                for name, theta in model.shared_parameters().items():
+                    theta.copy_(before.shared_parameters()[name])
+        best, scores = tune_device_steps(ctx, model, blind_start_phi(encoder, ctx, 0, zero), cfg.device,
+                                         cfg.tune_steps, evaluate_val)
+        candidates[episodes], per_user_best[episodes] = (model, encoder, history), scores[best]
+        record[episodes] = {"chosen_steps": best, "val_gauc": mean_scores(scores)}
+    chosen = choose_within_noise(per_user_best)
+    cfg.meta.episodes = chosen
+    ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
+    return {"chosen": chosen, "val_gauc": mean_scores(per_user_best), "device_steps": record}
 
 
 def tune_update_balance(ctx, cfg) -> dict:

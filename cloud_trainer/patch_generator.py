@@ -11,6 +11,7 @@ the query loss at the encoder's φ without adaptation, trains g for cold-start d
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,6 +30,11 @@ class MetaTrainConfig:
     max_samples_per_user: int = 50  # support / query samples drawn per user per step (cost bound)
     cold_weight: float = 0.5  # weight of the un-adapted (cold-start) query loss
     encoder_from_cloud: bool = False  # start the encoder's item / profile embeddings from the cloud model's
+    # What an episode's support is. "sampled": up to `max_samples_per_user` rows drawn at random from
+    # the user's whole older history. "device": what a device trains on — the user's *newest* support
+    # rows, as many positives (with their negatives) as a device holds in its fresh window, the count
+    # drawn per user and epoch from the fleet's round-0 fresh windows (`support_positives`).
+    episodes: Literal["sampled", "device"] = "sampled"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +54,19 @@ def _gather(groups: list[np.ndarray], users: np.ndarray, cap: int, rng: np.rando
         if len(idx) > cap:
             idx = rng.choice(idx, size=cap, replace=False)
         parts.append(idx)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _newest(groups: list[np.ndarray], is_pos: np.ndarray, users: np.ndarray, positives: np.ndarray,
+            rng: np.random.Generator) -> np.ndarray:
+    """Each user's newest rows holding k positives and the negatives that follow them (a user's rows
+    are in time order, each positive before its negatives), k drawn from `positives` per user."""
+    parts = []
+    for u, k in zip(users, rng.choice(positives, size=len(users))):
+        idx = groups[u]
+        pos_rows = np.flatnonzero(is_pos[idx])
+        if len(pos_rows):
+            parts.append(idx[pos_rows[-min(int(k), len(pos_rows))]:])
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -80,13 +99,23 @@ def init_encoder_from_cloud(encoder, model) -> list[str]:
 
 
 def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch.Tensor, user_seq: torch.Tensor,
-               cfg: MetaTrainConfig, seed: int = 0, progress=None) -> list[float]:
-    """Train Θ (model.shared_parameters) and the encoder; returns the mean query loss per epoch."""
+               cfg: MetaTrainConfig, seed: int = 0, progress=None,
+               support_positives: np.ndarray | None = None) -> list[float]:
+    """Train Θ (model.shared_parameters) and the encoder; returns the mean query loss per epoch.
+
+    `support_positives`: the training-positive counts of the devices' fresh windows, from which
+    `episodes="device"` draws each support's size."""
     n_users = user_profile.shape[0]
     if cfg.encoder_from_cloud:
         init_encoder_from_cloud(encoder, model)
     rng = np.random.default_rng(seed)
     sup_groups, qry_groups = _by_owner(support, n_users), _by_owner(query, n_users)
+    if cfg.episodes == "device":
+        positives = np.asarray(support_positives if support_positives is not None else [], dtype=np.int64)
+        positives = positives[positives > 0]
+        if not len(positives):
+            raise ValueError("meta.episodes='device' needs the devices' fresh-window positive counts")
+        is_pos = support["label"].numpy() > 0
     users_all = np.array([u for u in range(n_users) if len(sup_groups[u]) and len(qry_groups[u])])
     theta = list(model.shared_parameters().values())
     params = theta + list(encoder.parameters())
@@ -100,7 +129,9 @@ def meta_train(model, encoder, support: Batch, query: Batch, user_profile: torch
             for start in range(0, len(users_all), cfg.user_batch):
                 users = users_all[start : start + cfg.user_batch]
                 ub = len(users)
-                sup = _local(take(support, torch.from_numpy(_gather(sup_groups, users, cfg.max_samples_per_user, rng))), users, n_users)
+                rows = (_newest(sup_groups, is_pos, users, positives, rng) if cfg.episodes == "device"
+                        else _gather(sup_groups, users, cfg.max_samples_per_user, rng))
+                sup = _local(take(support, torch.from_numpy(rows)), users, n_users)
                 qry = _local(take(query, torch.from_numpy(_gather(qry_groups, users, cfg.max_samples_per_user, rng))), users, n_users)
                 uidx = torch.from_numpy(users)
                 phi0 = encoder(user_profile[uidx], user_seq[uidx], torch.zeros(ub, model.phi_dim))  # (Ub, m)

@@ -607,6 +607,43 @@ def test_same_seed_same_results(tiny_ds):
         assert x[m]["mean"] == pytest.approx(y[m]["mean"], abs=1e-5 if m == "auc" else 1e-9)
 
 
+@pytest.mark.parametrize("forced", ["sampled", "device"])
+def test_the_meta_training_episodes_are_chosen_on_validation_and_the_choice_is_what_seeds_train(tiny_ds, monkeypatch,
+                                                                                                 forced):
+    """tune_meta_episodes: Θ and g meta-trained with each kind of episode from the same start, each
+    judged by its devices' best step budget on round 0's slices (one-SE rule over both); the chosen
+    kind is written to cfg, and the seed's context then holds exactly the Θ, g and W_f that a seed
+    meta-trained with it from the start holds (the other kind's Θ differs)."""
+    from cloud_trainer import experiment
+
+    real, judged = experiment.choose_within_noise, []
+
+    def choose(scores):
+        if set(scores) == {"sampled", "device"}:
+            judged.append(scores)
+            return forced
+        return real(scores)
+
+    monkeypatch.setattr(experiment, "choose_within_noise", choose)
+    cfg = tiny_config(strategies=["metapatch"], tune_meta_episodes=["sampled", "device"])
+    ctx = build_context(tiny_ds, cfg, 0)
+    out = experiment.tune(ctx, cfg)
+    rec = out["meta.episodes"]
+    assert rec["chosen"] == forced == cfg.meta.episodes and len(judged) == 1
+    assert set(rec["val_gauc"]) == set(rec["device_steps"]) == {"sampled", "device"}
+    assert all(len(v) == len(judged[0]["sampled"]) for v in judged[0].values())  # per user, paired
+
+    def state(ctx):
+        return {**{f"m.{k}": v for k, v in ctx.model.state_dict().items()},
+                **{f"g.{k}": v for k, v in ctx.encoder.state_dict().items()}}
+
+    other = "device" if forced == "sampled" else "sampled"
+    direct, rival = (state(build_context(tiny_ds, tiny_config(**{"meta.episodes": e}), 0)) for e in (forced, other))
+    mine = state(ctx)
+    assert mine.keys() == direct.keys() and all(torch.equal(mine[k], direct[k]) for k in mine)
+    assert not all(torch.equal(mine[k], rival[k]) for k in mine)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--dataset", "netflix"], "invalid choice: 'netflix'"),
     (["--rounds", "0"], "rounds = 0"),
@@ -623,6 +660,8 @@ def test_same_seed_same_results(tiny_ds):
     (["--set", 'tune_step2_target=["device", "x"]'], 'tune_step2_target.1 = "x": Input should be'),
     (["--set", 'momodistill.step2_target="x"'], "step2_target = 'x': must be one of device, delta"),
     (["--set", "meta.encoder_from_cloud=3"], "encoder_from_cloud"),
+    (["--set", 'meta.episodes="newest"'], "meta.episodes"),
+    (["--set", 'tune_meta_episodes=["sampled", "all"]'], 'tune_meta_episodes.1 = "all"'),
     (["--set", "data.bogus=1"], "data.bogus"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--dataset", "ml-100k", "--data", "/nonexistent/ml"], "/nonexistent/ml"),

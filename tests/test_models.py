@@ -197,9 +197,10 @@ def test_patch_state_round_trip_and_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
-def test_meta_training_gives_phi_leverage():
+@pytest.mark.parametrize("episodes", ["sampled", "device"])
+def test_meta_training_gives_phi_leverage(episodes):
     """After meta-training, a few device steps on φ lower a device's query loss more than with the
-    initial Θ — the property the reference run was missing."""
+    initial Θ — the property the reference run was missing — with either kind of episode."""
     m = tiny(MetaPatchConfig(phi_dim=6, bottleneck=2, theta_init_std=0.02))
     enc = PatchEncoder(EncoderConfig(n_items=N_ITEMS, phi_dim=6, profile_vocab=[4, 3], emb_dim=4))
     sup, qry = batch(1200, n_owners=3, seed=4), batch(600, n_owners=3, seed=5)
@@ -216,11 +217,37 @@ def test_meta_training_gives_phi_leverage():
     before = adaptation_gain()
     theta0 = {k: v.clone() for k, v in m.cloud_parameters().items()}
     hist = meta_train(m, enc, sup, qry, prof, seq, MetaTrainConfig(epochs=60, user_batch=3, inner_steps=5, inner_lr=0.1,
-                                                                   outer_lr=0.03, max_samples_per_user=400))
+                                                                   outer_lr=0.03, max_samples_per_user=400,
+                                                                   episodes=episodes),
+                      support_positives=np.array([0, 60, 100]))
     assert hist[-1] < hist[0]
     assert abs(before) < 0.005  # an untrained, small Θ: φ is inert
     assert adaptation_gain() > before + 0.01
     assert all(torch.equal(theta0[k], v) for k, v in m.cloud_parameters().items())  # W_f frozen
+
+
+def test_device_episodes_adapt_on_each_users_newest_positives_and_their_negatives():
+    """episodes="device": a user's support is the newest k positives of its older history, each with
+    the negatives that follow it, k drawn from the devices' fresh-window counts (capped by what the
+    user has); the rows outside it are never read."""
+    from cloud_trainer.patch_generator import _by_owner, _newest
+    owner = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+    label = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0.0])
+    groups = _by_owner({"owner": owner}, 3)
+    is_pos = label.numpy() > 0
+    rng = np.random.default_rng(0)
+    rows = _newest(groups, is_pos, np.array([0, 1, 2]), np.array([2]), rng)
+    assert rows.tolist() == [2, 3, 4, 5, 6, 7, 8]  # user 0: its last 2 positives; user 1 holds 1; user 2 none
+    seen = set()
+    for _ in range(50):
+        seen.add(tuple(_newest(groups, is_pos, np.array([0]), np.array([1, 3]), rng).tolist()))
+    assert seen == {(4, 5), (0, 1, 2, 3, 4, 5)}  # both drawn sizes occur
+    with pytest.raises(ValueError, match="positive counts"):
+        m = tiny(MetaPatchConfig(phi_dim=6, bottleneck=2))
+        enc = PatchEncoder(EncoderConfig(n_items=N_ITEMS, phi_dim=6, profile_vocab=[4, 3], emb_dim=4))
+        b = batch(30, n_owners=3)
+        meta_train(m, enc, b, b, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, L, dtype=torch.long),
+                   MetaTrainConfig(epochs=1, episodes="device"), support_positives=np.zeros(3))
 
 
 def test_momodistill_steps_touch_the_right_parameters():
