@@ -73,6 +73,10 @@ class ExperimentConfig(BaseModel):
         Field(default_factory=lambda: list(STRATEGIES))
     tune: bool = True  # choose the device step budget on the validation slices (seed 0, round 0)
     tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
+    # Every seed makes the round-0 choices on its own validation slices (each seed a whole replicate of
+    # a deployment, so the per-seed differences include how its choices fall), instead of every seed
+    # running with seed 0's.
+    tune_each_seed: bool = False
     # Also choose the device budget per bracket of the devices' training-positive counts (quintiles
     # among the devices with a validation slice), each bracket on its own devices' slices (one-SE rule,
     # `strategies.choose_steps_by_positives`), for MetaPatch's and the uploads' `device` and for

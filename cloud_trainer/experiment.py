@@ -94,13 +94,24 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
     summ = {k: [[None] * cfg.rounds for _ in range(cfg.seeds)] for k in keys}
     users = {k: [[None] * cfg.rounds for _ in range(cfg.seeds)] for k in keys}
     tuning, timings = {}, []
+    untuned = cfg.model_copy(deep=True)  # tune_each_seed: every seed starts from the configured values
     bar = tqdm(total=cfg.seeds * len(cfg.strategies), desc="experiment", disable=not progress, file=sys.stderr)
     for seed in range(cfg.seeds):
         bar.set_postfix_str(f"seed {seed}: pretrain + meta-train")
-        ctx = build_context(ds, cfg, seed)
+        # Seed 0 tunes `cfg` itself (what results.json's config records); with tune_each_seed every
+        # later seed tunes its own copy on its own slices, else it runs with seed 0's choices.
+        seed_cfg = cfg if seed == 0 or not cfg.tune_each_seed else untuned.model_copy(deep=True)
+        ctx = build_context(ds, seed_cfg, seed)
         t_seed = {"seed": seed, **ctx.timings}
-        if seed == 0 and cfg.tune:
-            tuning = tune(ctx, cfg)
+        if cfg.tune and (seed == 0 or cfg.tune_each_seed):
+            bar.set_postfix_str(f"seed {seed}: tune on validation slices")
+            t0 = time.perf_counter()
+            chosen = tune(ctx, seed_cfg)
+            if seed == 0:
+                tuning = chosen
+            else:
+                tuning.setdefault("per_seed", {})[str(seed)] = chosen
+            t_seed["tune"] = time.perf_counter() - t0
         for name in cfg.strategies:
             bar.set_postfix_str(f"seed {seed}: {name}")
             t0 = time.perf_counter()
@@ -533,11 +544,12 @@ def _choices_markdown(tuning: dict) -> list[str]:
     if not tuning:
         return []
     anew = "momodistill and the update balance" if "cloud.update_balance" in tuning else "momodistill"
-    lines = ["", "Choices made on validation slices (seed 0, round 1's slices; upload_device.steps on round 2's; "
+    who = "seed 0 here, every seed its own below" if "per_seed" in tuning else "seed 0"
+    lines = ["", f"Choices made on validation slices ({who}, round 1's slices; upload_device.steps on round 2's; "
              f"{anew} chosen anew on each later round's slices of each seed; one-SE rule), with each option's "
              "validation gAUC:", ""]
     for name, rec in tuning.items():
-        if name.endswith("_each_round"):
+        if name.endswith("_each_round") or name == "per_seed":
             continue
         if "brackets" in rec:  # a budget per bracket of training positives
             per = "; ".join(f"{lo} positives, {b['devices']} devices: {b['chosen']} ("
@@ -548,6 +560,9 @@ def _choices_markdown(tuning: dict) -> list[str]:
         options = "; ".join(f"{_setting(json.loads(k)) if str(k).startswith('{') else k}: {v:.5f}"
                             for k, v in rec["val_gauc"].items())
         lines.append(f"- {name}: **{_setting(rec['chosen'])}** ({options})")
+    for seed, own in tuning.get("per_seed", {}).items():  # tune_each_seed
+        lines.append(f"- seed {seed}, its own round-0 choices: "
+                     + "; ".join(f"{name} {_setting(rec['chosen'])}" for name, rec in own.items()))
     for key, who in (("momodistill_each_round", "momodistill"), ("model-over-data_each_round", "model-over-data")):
         for seed, rounds in tuning.get(key, {}).items():
             chosen = "; ".join(f"round {int(r) + 1}: " + ", ".join(_round_choice(c)) for r, c in rounds.items())

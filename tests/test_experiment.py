@@ -607,6 +607,38 @@ def test_same_seed_same_results(tiny_ds):
         assert x[m]["mean"] == pytest.approx(y[m]["mean"], abs=1e-5 if m == "auc" else 1e-9)
 
 
+@pytest.mark.parametrize("each_seed", [False, True])
+def test_tune_each_seed_makes_every_seed_choose_on_its_own_slices(tiny_ds, monkeypatch, each_seed):
+    """tune_each_seed: every seed tunes its own copy of the configured (untuned) values on its own
+    validation slices and its strategies run with them; without it, later seeds run with seed 0's."""
+    from cloud_trainer import experiment
+
+    real_steps, real_build, ctxs, tuned = experiment.tune_device_steps, experiment.build_context, [], []
+
+    def steps(ctx, *a, **kw):  # seed 0 picks 2 steps, seed 1 picks 0 (both in the grid)
+        best, scores = real_steps(ctx, *a, **kw)
+        tuned.append((ctx.seed, ctx.cfg.device.steps))
+        return (2 if ctx.seed == 0 else 0), scores
+
+    def build(ds, cfg, seed, *a, **kw):
+        ctxs.append(real_build(ds, cfg, seed, *a, **kw))
+        return ctxs[-1]
+
+    monkeypatch.setattr(experiment, "tune_device_steps", steps)
+    monkeypatch.setattr(experiment, "build_context", build)
+    cfg = tiny_config(seeds=2, strategies=["stale", "metapatch"], tune_each_seed=each_seed, **{"device.steps": 5})
+    res = run_experiment(cfg, tiny_ds, progress=False)
+    assert res["tuning"]["device.steps"]["chosen"] == 2 == ctxs[0].cfg.device.steps == res["config"]["device"]["steps"]
+    if not each_seed:
+        assert tuned == [(0, 5)] and ctxs[1].cfg is ctxs[0].cfg and "per_seed" not in res["tuning"]
+        return
+    assert tuned == [(0, 5), (1, 5)]  # seed 1 starts from the configured budget, not seed 0's choice
+    assert ctxs[1].cfg is not ctxs[0].cfg and ctxs[1].cfg.device.steps == 0
+    assert res["tuning"]["per_seed"]["1"]["device.steps"]["chosen"] == 0
+    assert "seed 1, its own round-0 choices: device.steps 0" in res["table_md"]
+    assert all("tune" in t for t in res["timings"]["per_seed"])
+
+
 @pytest.mark.parametrize("forced", ["sampled", "device"])
 def test_the_meta_training_episodes_are_chosen_on_validation_and_the_choice_is_what_seeds_train(tiny_ds, monkeypatch,
                                                                                                  forced):
