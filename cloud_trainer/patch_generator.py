@@ -3,7 +3,8 @@
 With an untrained Θ, φ has no leverage and on-device training is inert (NOTES.md). Here Θ and g are
 trained first-order-meta-learning style on the cloud history: for a batch of users, each user's φ
 starts at g(profile, sequence, 0), takes `inner_steps` AdamW steps on the user's older (support)
-samples — exactly what the device will do — and the loss of the adapted φ on the user's newer (query)
+samples (`MetaTrainConfig.episodes`: a random draw from them, or the newest few, as a device
+holds them) — exactly what the device will do — and the loss of the adapted φ on the user's newer (query)
 samples trains Θ and g (first-order: the inner steps are not differentiated through). A second term,
 the query loss at the encoder's φ without adaptation, trains g for cold-start devices. W_f is frozen.
 """
