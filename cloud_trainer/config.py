@@ -75,7 +75,9 @@ class ExperimentConfig(BaseModel):
     tune_steps: list[int] = Field(default_factory=lambda: [0, 2, 3, 5, 8, 12, 20])
     # Every seed makes the round-0 choices on its own validation slices (each seed a whole replicate of
     # a deployment, so the per-seed differences include how its choices fall), instead of every seed
-    # running with seed 0's.
+    # running with seed 0's. Off: it costs each later seed a round-0 tuning; on ML-100K seeds 1 and 2
+    # chose 0 steps on a new bundle where seed 0 chose 8, and cold start fell to +0.0005 [−0.0003,
+    # +0.0012] (docs/EXPERIMENTS.md, session 18).
     tune_each_seed: bool = False
     # Also choose the device budget per bracket of the devices' training-positive counts (quintiles
     # among the devices with a validation slice), each bracket on its own devices' slices (one-SE rule,
@@ -86,7 +88,8 @@ class ExperimentConfig(BaseModel):
     # meta.episodes values tried on round 0's validation slices (seed 0): Θ and g meta-trained with
     # each, every device's φ trained on the fresh windows minus the slices from g's φ, the best step
     # budget of each scored on the slices (`experiment.tune_meta_episodes`; one-SE rule, the first
-    # listed wins near-ties). Empty: keep meta.episodes as configured.
+    # listed wins near-ties). Empty: keep meta.episodes as configured. On ML-100K validation keeps
+    # "sampled" (0.86405 against 0.86417 at 2 device steps, a near-tie; docs/EXPERIMENTS.md, session 18).
     tune_meta_episodes: list[Literal["sampled", "device"]] = Field(default_factory=list)
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
