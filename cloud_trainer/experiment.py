@@ -544,8 +544,8 @@ def _choices_markdown(tuning: dict) -> list[str]:
     if not tuning:
         return []
     anew = "momodistill and the update balance" if "cloud.update_balance" in tuning else "momodistill"
-    who = "seed 0 here, every seed its own below" if "per_seed" in tuning else "seed 0"
-    lines = ["", f"Choices made on validation slices ({who}, round 1's slices; upload_device.steps on round 2's; "
+    tuned_on = "seed 0 here, every seed its own below" if "per_seed" in tuning else "seed 0"
+    lines = ["", f"Choices made on validation slices ({tuned_on}, round 1's slices; upload_device.steps on round 2's; "
              f"{anew} chosen anew on each later round's slices of each seed; one-SE rule), with each option's "
              "validation gAUC:", ""]
     for name, rec in tuning.items():
