@@ -214,6 +214,7 @@ def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:
     chosen = choose_within_noise(per_user_best)
     cfg.meta.episodes = chosen
     ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
+    ctx.meta_inputs = None  # the pre-meta-training copy and its inputs are not needed again this seed
     return {"chosen": chosen, "val_gauc": mean_scores(per_user_best), "device_steps": record}
 
 
