@@ -75,7 +75,10 @@ class SeedContext:
         return self.ds.n_users
 
 
-def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=None) -> SeedContext:
+def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=None, tunes: bool = True) -> SeedContext:
+    """Seed `seed`'s starting point: its split and samples, W_f pretrained and Θ and g meta-trained.
+    `tunes`: whether this seed will make round-0 choices (`experiment.tune`); only then does it keep
+    what choosing `meta.episodes` needs (`meta_inputs`)."""
     reproducible()      # the same command trains the same models (train.reproducible)
     torch.manual_seed(seed)
     d = cfg.data
@@ -144,7 +147,7 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
     if not cfg.metapatch.full:
         ft0 = rounds[0].fresh_train  # episodes="device": supports sized as the devices' fresh windows
         positives = np.bincount(ft0["owner"].numpy(), weights=(ft0["label"].numpy() > 0), minlength=ds.n_users)
-        if len(cfg.tune_meta_episodes) > 1:
+        if tunes and cfg.tune and len(cfg.tune_meta_episodes) > 1:
             meta_inputs = {"support": support, "query": query, "user_profile": profile, "user_seq": support_seq,
                            "seed": seed, "support_positives": positives, "before": copy.deepcopy((model, encoder))}
         history["meta_train"] = meta_train(model, encoder, support, query, profile, support_seq, cfg.meta,

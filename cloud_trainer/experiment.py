@@ -101,9 +101,10 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
         # Seed 0 tunes `cfg` itself (what results.json's config records); with tune_each_seed every
         # later seed tunes its own copy on its own slices, else it runs with seed 0's choices.
         seed_cfg = cfg if seed == 0 or not cfg.tune_each_seed else untuned.model_copy(deep=True)
-        ctx = build_context(ds, seed_cfg, seed)
+        tunes = cfg.tune and (seed == 0 or cfg.tune_each_seed)
+        ctx = build_context(ds, seed_cfg, seed, tunes=tunes)
         t_seed = {"seed": seed, **ctx.timings}
-        if cfg.tune and (seed == 0 or cfg.tune_each_seed):
+        if tunes:
             bar.set_postfix_str(f"seed {seed}: tune on validation slices")
             t0 = time.perf_counter()
             chosen = tune(ctx, seed_cfg)

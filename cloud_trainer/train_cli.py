@@ -34,7 +34,7 @@ def run(args) -> int:
     cfg = build_config({"dataset": args.dataset, "data_path": args.data, **_parse_set(args.set)}, args.config)
     ds = load_data(cfg)
     print(ds.summary(), file=sys.stderr)
-    ctx = build_context(ds, cfg, args.seed)
+    ctx = build_context(ds, cfg, args.seed, tunes=not args.no_tune)
     tuning = {}
     if cfg.tune and not args.no_tune:
         from cloud_trainer.experiment import tune

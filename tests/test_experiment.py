@@ -676,6 +676,16 @@ def test_the_meta_training_episodes_are_chosen_on_validation_and_the_choice_is_w
     assert not all(torch.equal(mine[k], rival[k]) for k in mine)
 
 
+def test_only_a_seed_that_tunes_keeps_the_copy_meta_episodes_are_chosen_from(tiny_ds):
+    """The pre-meta-training copy `tune_meta_episodes` chooses from is kept only for a seed that makes
+    round-0 choices; a seed running on seed 0's choices trains the same Θ and g without it."""
+    cfg = tiny_config(strategies=["metapatch"], tune_meta_episodes=["sampled", "device"])
+    tuning, running = build_context(tiny_ds, cfg, 1), build_context(tiny_ds, cfg, 1, tunes=False)
+    assert tuning.meta_inputs is not None and running.meta_inputs is None
+    a, b = tuning.model.state_dict(), running.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--dataset", "netflix"], "invalid choice: 'netflix'"),
     (["--rounds", "0"], "rounds = 0"),
