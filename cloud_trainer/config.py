@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +91,13 @@ class ExperimentConfig(BaseModel):
     # listed wins near-ties). Empty: keep meta.episodes as configured. On ML-100K validation keeps
     # "sampled" (0.86405 against 0.86417 at 2 device steps, a near-tie; docs/EXPERIMENTS.md, session 18).
     tune_meta_episodes: list[Literal["sampled", "device"]] = Field(default_factory=list)
+    # metapatch.phi_dim values tried on round 0's validation slices (seed 0), after meta.episodes: Θ and
+    # g of each size initialised as the seed would have and meta-trained on the same pretrained W_f,
+    # each scored by its devices' best step budget (`experiment.tune_phi_dim`; one-SE rule, the first
+    # listed wins near-ties). Empty (the default): keep metapatch.phi_dim. Session 19's probe
+    # (bench/probe_patch_generator.py, seed 0): 16 against 64 is a tie on ML-100K (+0.00008 ± 0.00015)
+    # and clearly better on Amazon Beauty (+0.00285 ± 0.00093; meta-training fits the query far better).
+    tune_phi_dim: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list)
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
     # one-SE rule, the first listed wins near-ties). Empty (the default): keep cloud.update_balance as

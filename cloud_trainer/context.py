@@ -16,6 +16,7 @@ from cloud_trainer.data import build_ctr_samples, build_eval_set, make_split
 from cloud_trainer.data.dataset import RecDataset
 from cloud_trainer.models.din import DINConfig
 from cloud_trainer.models.encoder import EncoderConfig, PatchEncoder
+from cloud_trainer.models.metapatch import MetaPatchConfig
 from cloud_trainer.patch_generator import meta_train
 from cloud_trainer.train import Batch, fit_cloud, make_batch, reproducible
 
@@ -63,8 +64,10 @@ class SeedContext:
     encoder: PatchEncoder
     timings: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
-    # For choosing how Θ and g are meta-trained (`tune_meta_episodes`): meta_train's inputs and the
-    # model and encoder as they stood before it (W_f pretrained, Θ and g initialised). None otherwise.
+    # For choosing how Θ and g are meta-trained and sized (`tune_meta_episodes`, `tune_phi_dim`):
+    # meta_train's inputs, the model and encoder as they stood before it (W_f pretrained, Θ and g
+    # initialised) and `patch_generator(mp)`, which initialises them for other patches exactly as this
+    # seed would have. None otherwise.
     meta_inputs: dict | None = None
 
     def fresh_copy(self):
@@ -128,10 +131,18 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
     din_cfg = DINConfig(n_items=ds.n_items, n_attrs=ds.n_attrs, profile_vocab=list(ds.profile_vocab),
                         max_len=d.max_len, emb_dim=cc.emb_dim, attn_hidden=cc.attn_hidden,
                         mlp_hidden=tuple(cc.mlp_hidden))
-    model = build_model(din_cfg, cfg.metapatch, torch.from_numpy(np.asarray(ds.item_attrs)))
-    encoder = PatchEncoder(EncoderConfig(n_items=ds.n_items, phi_dim=model.phi_dim,
-                                         profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim,
-                                         start_warm=cfg.start.warm, start_cold=cfg.start.cold))
+    rng_state = torch.get_rng_state()  # what a patch generator of another φ size starts from (tune_phi_dim)
+
+    def patch_generator(mp: MetaPatchConfig):
+        """W_f (initialised), Θ and g for patches `mp`, drawn from the same RNG state whatever `mp`."""
+        torch.set_rng_state(rng_state)
+        model = build_model(din_cfg, mp, torch.from_numpy(np.asarray(ds.item_attrs)))
+        encoder = PatchEncoder(EncoderConfig(n_items=ds.n_items, phi_dim=model.phi_dim,
+                                             profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim,
+                                             start_warm=cfg.start.warm, start_cold=cfg.start.cold))
+        return model, encoder
+
+    model, encoder = patch_generator(cfg.metapatch)
     # W_f first learns the older part of the cloud history only, so that meta-training sees newer
     # interactions the cloud model has not fitted yet — exactly the device's situation. (Meta-training
     # on data W_f already memorised gives Θ nothing to learn: φ stays inert, as NOTES.md records.)
@@ -147,9 +158,10 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
     if not cfg.metapatch.full:
         ft0 = rounds[0].fresh_train  # episodes="device": supports sized as the devices' fresh windows
         positives = np.bincount(ft0["owner"].numpy(), weights=(ft0["label"].numpy() > 0), minlength=ds.n_users)
-        if tunes and cfg.tune and len(cfg.tune_meta_episodes) > 1:
+        if tunes and cfg.tune and (len(cfg.tune_meta_episodes) > 1 or len(cfg.tune_phi_dim) > 1):
             meta_inputs = {"support": support, "query": query, "user_profile": profile, "user_seq": support_seq,
-                           "seed": seed, "support_positives": positives, "before": copy.deepcopy((model, encoder))}
+                           "seed": seed, "support_positives": positives, "before": copy.deepcopy((model, encoder)),
+                           "patch_generator": patch_generator}
         history["meta_train"] = meta_train(model, encoder, support, query, profile, support_seq, cfg.meta,
                                            seed=seed, progress=progress, support_positives=positives)
     timings["meta_train"] = time.perf_counter() - t0

@@ -150,6 +150,9 @@ def tune(ctx, cfg) -> dict:
         out["cloud.update_balance"] = tune_update_balance(ctx, cfg)
     if len(cfg.tune_meta_episodes) > 1 and ctx.meta_inputs is not None:
         out["meta.episodes"] = tune_meta_episodes(ctx, cfg, evaluate_val)
+    if len(cfg.tune_phi_dim) > 1 and ctx.meta_inputs is not None:
+        out["metapatch.phi_dim"] = tune_phi_dim(ctx, cfg, evaluate_val)
+    ctx.meta_inputs = None  # the pre-meta-training copy and its inputs are not needed again this seed
     phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
     best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
     cfg.device.steps = best
@@ -215,8 +218,42 @@ def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:
     chosen = choose_within_noise(per_user_best)
     cfg.meta.episodes = chosen
     ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
-    ctx.meta_inputs = None  # the pre-meta-training copy and its inputs are not needed again this seed
     return {"chosen": chosen, "val_gauc": mean_scores(per_user_best), "device_steps": record}
+
+
+def tune_phi_dim(ctx, cfg, evaluate_val) -> dict:
+    """Choose `metapatch.phi_dim` (from `cfg.tune_phi_dim`) on round 0's validation slices, after
+    `meta.episodes`: for each size, Θ and g initialised as this seed would have initialised them
+    (`ctx.meta_inputs["patch_generator"]`) and meta-trained on the same pretrained W_f, then given the
+    seed's cloud model (W_f does not depend on Θ); each scored by its devices' best step budget (φ from
+    g, blind to the slices). Writes the choice into cfg (later seeds build that size) and puts the
+    chosen model and g into ctx."""
+    mi, U = ctx.meta_inputs, ctx.n_users
+    candidates, per_user_best, record = {}, {}, {}
+    for k in cfg.tune_phi_dim:
+        if k == ctx.model.phi_dim:
+            model, encoder, history = ctx.model, ctx.encoder, ctx.history.get("meta_train")
+        else:
+            model, encoder = mi["patch_generator"](replace(cfg.metapatch, phi_dim=k))
+            pretrained = mi["before"][0].cloud_parameters()
+            with torch.no_grad():
+                for name, p in model.cloud_parameters().items():
+                    p.copy_(pretrained[name])
+            history = meta_train(model, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
+                                 cfg.meta, seed=mi["seed"], support_positives=mi["support_positives"])
+            cloud = ctx.model.cloud_parameters()
+            with torch.no_grad():
+                for name, p in model.cloud_parameters().items():
+                    p.copy_(cloud[name])
+        best, scores = tune_device_steps(ctx, model, blind_start_phi(encoder, ctx, 0, torch.zeros(U, k)), cfg.device,
+                                         cfg.tune_steps, evaluate_val)
+        candidates[k], per_user_best[k] = (model, encoder, history), scores[best]
+        record[str(k)] = {"chosen_steps": best, "val_gauc": mean_scores(scores)}
+    chosen = choose_within_noise(per_user_best)
+    cfg.metapatch.phi_dim = chosen
+    ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
+    return {"chosen": chosen, "val_gauc": {str(k): v for k, v in mean_scores(per_user_best).items()},
+            "device_steps": record}
 
 
 def tune_update_balance(ctx, cfg) -> dict:

@@ -676,6 +676,40 @@ def test_the_meta_training_episodes_are_chosen_on_validation_and_the_choice_is_w
     assert not all(torch.equal(mine[k], rival[k]) for k in mine)
 
 
+@pytest.mark.parametrize("forced", [8, 4])
+def test_the_size_of_phi_is_chosen_on_validation_and_the_choice_is_what_seeds_train(tiny_ds, monkeypatch, forced):
+    """tune_phi_dim: Θ and g of each size initialised as the seed would have and meta-trained on the
+    same pretrained W_f, each judged by its devices' best step budget on round 0's slices; the chosen
+    size is written to cfg, and the seed's context then holds exactly the model and g of a seed built
+    with that size from the start (so later seeds, which build it directly, match seed 0)."""
+    from cloud_trainer import experiment
+
+    real, judged = experiment.choose_within_noise, []
+
+    def choose(scores):
+        if set(scores) == {8, 4}:
+            judged.append(scores)
+            return forced
+        return real(scores)
+
+    monkeypatch.setattr(experiment, "choose_within_noise", choose)
+    cfg = tiny_config(strategies=["metapatch"], tune_phi_dim=[8, 4])
+    ctx = build_context(tiny_ds, cfg, 0)
+    out = experiment.tune(ctx, cfg)
+    rec = out["metapatch.phi_dim"]
+    assert rec["chosen"] == forced == cfg.metapatch.phi_dim == ctx.model.phi_dim and len(judged) == 1
+    assert set(rec["val_gauc"]) == set(rec["device_steps"]) == {"8", "4"} and ctx.meta_inputs is None
+
+    def state(ctx):
+        return {**{f"m.{k}": v for k, v in ctx.model.state_dict().items()},
+                **{f"g.{k}": v for k, v in ctx.encoder.state_dict().items()}}
+
+    direct, mine = state(build_context(tiny_ds, tiny_config(**{"metapatch.phi_dim": forced}), 0)), state(ctx)
+    assert mine.keys() == direct.keys() and all(torch.equal(mine[k], direct[k]) for k in mine)
+    res = experiment.run_experiment(tiny_config(strategies=["metapatch"], tune_phi_dim=[8, 4]), tiny_ds, progress=False)
+    assert "- metapatch.phi_dim: **" in res["table_md"]
+
+
 def test_only_a_seed_that_tunes_keeps_the_copy_meta_episodes_are_chosen_from(tiny_ds):
     """The pre-meta-training copy `tune_meta_episodes` chooses from is kept only for a seed that makes
     round-0 choices; a seed running on seed 0's choices trains the same Θ and g without it."""
@@ -704,6 +738,7 @@ def test_only_a_seed_that_tunes_keeps_the_copy_meta_episodes_are_chosen_from(tin
     (["--set", "meta.encoder_from_cloud=3"], "encoder_from_cloud"),
     (["--set", 'meta.episodes="newest"'], "meta.episodes"),
     (["--set", 'tune_meta_episodes=["sampled", "all"]'], 'tune_meta_episodes.1 = "all"'),
+    (["--set", "tune_phi_dim=[64, 0]"], "tune_phi_dim.1 = 0"),
     (["--set", "data.bogus=1"], "data.bogus"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--dataset", "ml-100k", "--data", "/nonexistent/ml"], "/nonexistent/ml"),
