@@ -35,8 +35,12 @@ def score_eval_set(ev, scorer: Scorer) -> np.ndarray:
 
 
 def per_row(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's positive ranked against its negatives. A NaN score (a diverged model) counts as
+    the worst case — a NaN positive below every negative, a NaN negative above the positive —
+    never as a tie or a win: compared as plain floats, an all-NaN model would rank every positive first."""
     pos, neg = scores[:, :1], scores[:, 1:]
-    higher = (neg > pos).sum(1)
+    bad = np.isnan(pos) | np.isnan(neg)
+    higher = ((neg > pos) | bad).sum(1)
     ties = (neg == pos).sum(1)
     rank = higher + 0.5 * ties  # 0 = ranked first
     return {

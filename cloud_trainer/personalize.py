@@ -125,12 +125,16 @@ def personalize_all(model, phi0: torch.Tensor, train: Batch, val: Batch | None, 
                 with torch.no_grad():
                     before = per_owner_loss(model, val, phi0, U)
                     after = per_owner_loss(model, val, phi_out, U)
-                keep |= has_val & (after > before)
+                keep |= has_val & ~(after <= before)  # worse, or NaN: a diverged φ is never kept
             if cfg.require_val:
                 keep |= ~has_val
                 info["no_val"] = int((~has_val).sum())
             phi_out = torch.where(keep.unsqueeze(1), phi0, phi_out)
             info["kept_previous"] = int(keep.sum())
+        diverged = ~torch.isfinite(phi_out).all(1)  # as the edge trainer: a non-finite φ is never kept
+        if bool(diverged.any()):
+            phi_out = torch.where(diverged.unsqueeze(1), phi0, phi_out)
+            info["diverged"] = int(diverged.sum())
     model.train(was_training)
     return phi_out, info
 

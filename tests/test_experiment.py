@@ -49,6 +49,14 @@ def test_rank_metrics_on_known_scores():
     assert rows["hr@10"].tolist() == [1, 1, 1]
 
 
+def test_a_nan_score_ranks_worst_never_first():
+    """A diverged model's NaN scores must not win: compared as plain floats they rank every positive
+    first (gAUC 1), and a validation choice among candidates would pick the diverged one."""
+    rows = per_row(np.array([[np.nan, 1, 2, 3], [4.0, np.nan, 2, 3], [np.nan] * 4]))
+    assert rows["row_auc"] == pytest.approx([0.0, 2 / 3, 0.0])
+    assert rows["ndcg@10"][0] == pytest.approx(1 / np.log2(5))
+
+
 def test_score_eval_set_scores_each_distinct_candidate_once(tiny_ds):
     ev = build_eval_set(tiny_ds, make_split(tiny_ds, rounds=1, seed=1).round(0), n_neg=20, max_len=5, seed=2)
     calls = []

@@ -159,6 +159,18 @@ def test_keep_if_worse_restores_the_starting_phi_per_device():
     assert info["kept_previous"] == 1
 
 
+def test_a_diverged_device_keeps_its_starting_phi():
+    """As the edge trainer does: a φ that went non-finite is never kept, whatever the validation rules."""
+    m = tiny()
+    train = batch(200, n_owners=3, seed=1)
+    phi0 = torch.randn(3, 6) * 0.1
+    cfg = DeviceTrainConfig(steps=6, lr=1e30, keep_if_worse=False, require_val=False)
+    phi, info = personalize_all(m, phi0, train, None, cfg)
+    assert info["diverged"] == 3 and torch.equal(phi, phi0)
+    sane, info = personalize_all(m, phi0, train, None, replace(cfg, lr=0.1))
+    assert "diverged" not in info and not torch.equal(sane, phi0)
+
+
 def test_a_device_without_validation_rows_keeps_its_starting_phi():
     m = tiny()
     train = batch(200, n_owners=3, seed=1)
