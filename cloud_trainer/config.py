@@ -95,8 +95,10 @@ class ExperimentConfig(BaseModel):
     # g of each size initialised as the seed would have and meta-trained on the same pretrained W_f,
     # each scored by its devices' best step budget (`experiment.tune_phi_dim`; one-SE rule, the first
     # listed wins near-ties). Empty (the default): keep metapatch.phi_dim. Session 19's probe
-    # (bench/probe_patch_generator.py, seed 0): 16 against 64 is a tie on ML-100K (+0.00008 ± 0.00015)
-    # and clearly better on Amazon Beauty (+0.00285 ± 0.00093; meta-training fits the query far better).
+    # (bench/probe_patch_generator.py, seed 0): 16 against 64 is a tie on ML-100K (−0.00004 ± 0.00016)
+    # and clearly better on Amazon Beauty (+0.00285 ± 0.00093; meta-training fits the query far better),
+    # but the full Amazon run with 16 holds no claim row: the gain is the encoder's φ on the stale model,
+    # which the start policy chosen for new bundles (zero there) switches off (docs/EXPERIMENTS.md).
     tune_phi_dim: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list)
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
