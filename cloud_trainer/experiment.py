@@ -153,13 +153,8 @@ def tune(ctx, cfg) -> dict:
     if len(cfg.tune_phi_dim) > 1 and ctx.meta_inputs is not None:
         out["metapatch.phi_dim"] = tune_phi_dim(ctx, cfg, evaluate_val)
     ctx.meta_inputs = None  # the pre-meta-training copy and its inputs are not needed again this seed
-    phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
-    best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
-    cfg.device.steps = best
-    out["device.steps"] = {"chosen": best, "val_gauc": mean_scores(scores)}
-    if cfg.tune_steps_by_positives:
-        cfg.device.steps_by_positives, brackets = choose_steps_by_positives(ctx, scores)
-        out["device.steps_by_positives"] = {"chosen": cfg.device.steps_by_positives, "brackets": brackets}
+    cold_for_steps = ctx.encoder.config.start_cold  # the start the device budget is chosen from
+    phi0 = tune_stale_steps(ctx, cfg, evaluate_val, out, "device.steps")
     if "full-patch" in cfg.strategies:
         fp = FullPatch()
         fp.setup(ctx)
@@ -183,11 +178,32 @@ def tune(ctx, cfg) -> dict:
         if record is not None:
             out["momodistill.step2"] = record
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
+        if cfg.start.cold != cold_for_steps:
+            # The chosen policy also starts devices on the bundle they hold now (the stale model, no
+            # previous φ: the cold policy), so their budget there is chosen again from that start — it
+            # was chosen above from the policy in force then. (The replays above keep their uploads.)
+            out[f"device.steps (from start cold={cold_for_steps}, replaced)"] = out.pop("device.steps")
+            out.pop("device.steps_by_positives", None)
+            tune_stale_steps(ctx, cfg, evaluate_val, out, "device.steps")
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
         if cfg.tune_upload_steps and len(ctx.rounds) > 1:
             out["upload_device.steps"] = tune_upload_steps(
                 ctx, cfg, validation_gauc(ctx, 1))
     return out
+
+
+def tune_stale_steps(ctx, cfg, evaluate_val, out: dict, key: str) -> torch.Tensor:
+    """Choose `device.steps` (and, with `tune_steps_by_positives`, a budget per bracket) for devices on
+    the stale model, from the starting φ its encoder's policy gives a device without a previous one
+    (blind to the slices); records the choice under `out[key]` and returns that starting φ."""
+    phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+    best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
+    cfg.device.steps = best
+    out[key] = {"chosen": best, "val_gauc": mean_scores(scores)}
+    if cfg.tune_steps_by_positives:
+        cfg.device.steps_by_positives, brackets = choose_steps_by_positives(ctx, scores)
+        out["device.steps_by_positives"] = {"chosen": cfg.device.steps_by_positives, "brackets": brackets}
+    return phi0
 
 
 def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:

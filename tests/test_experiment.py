@@ -718,6 +718,40 @@ def test_the_size_of_phi_is_chosen_on_validation_and_the_choice_is_what_seeds_tr
     assert "- metapatch.phi_dim: **" in res["table_md"]
 
 
+@pytest.mark.parametrize("cold", ["zero", "encoder"])
+def test_the_device_budget_is_chosen_from_the_start_devices_get(tiny_ds, monkeypatch, cold):
+    """device.steps is first chosen from the start policy in force (the encoder's φ); when the start
+    policy chosen later gives devices without a previous φ another start, the budget on the stale
+    model is chosen again from that start, and that is the budget the config and report carry."""
+    from cloud_trainer import experiment
+
+    real_steps, real_start, calls = experiment.tune_device_steps, experiment.tune_start, []
+
+    def steps(ctx, model, phi0, *a, **kw):
+        best, scores = real_steps(ctx, model, phi0, *a, **kw)
+        if model is ctx.model:
+            calls.append(phi0.clone())
+        return (len(calls) if model is ctx.model else best), scores  # 1st stale-model choice 1, 2nd 2
+
+    def start(ctx, cfg, *a, **kw):
+        rec = real_start(ctx, cfg, *a, **kw)
+        cfg.start.cold = ctx.encoder.config.start_cold = cold
+        return rec
+
+    monkeypatch.setattr(experiment, "tune_device_steps", steps)
+    monkeypatch.setattr(experiment, "tune_start", start)
+    cfg = tiny_config(strategies=["dccl"], tune_steps=[0, 1, 2])
+    ctx = build_context(tiny_ds, cfg, 0)
+    out = experiment.tune(ctx, cfg)
+    assert calls[0].abs().sum() > 0  # chosen first from the encoder's φ
+    if cold == "encoder":
+        assert len(calls) == 1 and cfg.device.steps == out["device.steps"]["chosen"] == 1
+        return
+    assert len(calls) == 2 and torch.equal(calls[1], torch.zeros_like(calls[1]))
+    assert cfg.device.steps == out["device.steps"]["chosen"] == 2
+    assert out["device.steps (from start cold=encoder, replaced)"]["chosen"] == 1
+
+
 def test_only_a_seed_that_tunes_keeps_the_copy_meta_episodes_are_chosen_from(tiny_ds):
     """The pre-meta-training copy `tune_meta_episodes` chooses from is kept only for a seed that makes
     round-0 choices; a seed running on seed 0's choices trains the same Θ and g without it."""
