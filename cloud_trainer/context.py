@@ -81,7 +81,7 @@ class SeedContext:
 def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=None, tunes: bool = True) -> SeedContext:
     """Seed `seed`'s starting point: its split and samples, W_f pretrained and Θ and g meta-trained.
     `tunes`: whether this seed will make round-0 choices (`experiment.tune`); only then does it keep
-    what choosing `meta.episodes` needs (`meta_inputs`)."""
+    what choosing `meta.episodes` or `metapatch.phi_dim` needs (`meta_inputs`)."""
     reproducible()      # the same command trains the same models (train.reproducible)
     torch.manual_seed(seed)
     d = cfg.data

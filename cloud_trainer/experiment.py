@@ -250,7 +250,9 @@ def tune_phi_dim(ctx, cfg, evaluate_val) -> dict:
         if k == ctx.model.phi_dim:
             model, encoder, history = ctx.model, ctx.encoder, ctx.history.get("meta_train")
         else:
+            rng = torch.get_rng_state()  # the generator rewinds the global RNG; later stages keep theirs
             model, encoder = mi["patch_generator"](replace(cfg.metapatch, phi_dim=k))
+            torch.set_rng_state(rng)
             pretrained = mi["before"][0].cloud_parameters()
             with torch.no_grad():
                 for name, p in model.cloud_parameters().items():
