@@ -46,7 +46,8 @@ def run(args) -> int:
               f"cloud update balance {cfg.cloud.update_balance:g}, MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
               f"{cfg.momodistill.kd_balance:g} step-2 balance {cfg.momodistill.step2_balance:g} target "
               f"{cfg.momodistill.step2_target}, starting φ: {cfg.start.warm} "
-              f"(cold start: {cfg.start.cold}), meta-training episodes {cfg.meta.episodes}", file=sys.stderr)
+              f"(cold start: {cfg.start.cold}), meta-training episodes {cfg.meta.episodes}, φ of {cfg.metapatch.phi_dim} floats",
+              file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())
     path = save_checkpoint(args.out, ctx.model, ctx.encoder, step=steps, round=0,
                            extra={"dataset": ds.name, "synthetic": ds.synthetic, "seed": args.seed,
