@@ -209,69 +209,73 @@ def tune_stale_steps(ctx, cfg, evaluate_val, out: dict, key: str) -> torch.Tenso
 def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:
     """Choose `meta.episodes` (from `cfg.tune_meta_episodes`) on round 0's validation slices: Θ and g
     meta-trained with each kind of episode from the same start (`ctx.meta_inputs`), each scored by its
-    devices' best step budget (φ from g, blind to the slices, trained on the fresh windows minus them).
-    W_f does not depend on Θ (a device-free forward pass skips the patches), so every option shares
-    the seed's cloud model. Writes the choice into cfg (later seeds meta-train with it) and puts its Θ
-    and g into ctx."""
-    mi, zero = ctx.meta_inputs, torch.zeros(ctx.n_users, ctx.model.phi_dim)
-    candidates, per_user_best, record = {}, {}, {}
-    for episodes in cfg.tune_meta_episodes:
+    devices' best step budget (`_choose_generator`). W_f does not depend on Θ (a device-free forward
+    pass skips the patches), so every option shares the seed's cloud model. Writes the choice into cfg
+    (later seeds meta-train with it) and puts its Θ and g into ctx."""
+    mi = ctx.meta_inputs
+
+    def build(episodes):
         if episodes == cfg.meta.episodes:
-            model, encoder, history = ctx.model, ctx.encoder, ctx.history.get("meta_train")
-        else:
-            before, encoder = copy.deepcopy(mi["before"])
-            history = meta_train(before, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
-                                 replace(cfg.meta, episodes=episodes), seed=mi["seed"],
-                                 support_positives=mi["support_positives"])
-            model = copy.deepcopy(ctx.model)
-            with torch.no_grad():
-                for name, theta in model.shared_parameters().items():
-                    theta.copy_(before.shared_parameters()[name])
-        best, scores = tune_device_steps(ctx, model, blind_start_phi(encoder, ctx, 0, zero), cfg.device,
-                                         cfg.tune_steps, evaluate_val)
-        candidates[episodes], per_user_best[episodes] = (model, encoder, history), scores[best]
-        record[episodes] = {"chosen_steps": best, "val_gauc": mean_scores(scores)}
-    chosen = choose_within_noise(per_user_best)
-    cfg.meta.episodes = chosen
-    ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
-    return {"chosen": chosen, "val_gauc": mean_scores(per_user_best), "device_steps": record}
+            return ctx.model, ctx.encoder, ctx.history.get("meta_train")
+        before, encoder = copy.deepcopy(mi["before"])
+        history = meta_train(before, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
+                             replace(cfg.meta, episodes=episodes), seed=mi["seed"],
+                             support_positives=mi["support_positives"])
+        model = copy.deepcopy(ctx.model)
+        _copy_params(model.shared_parameters(), before.shared_parameters())
+        return model, encoder, history
+
+    cfg.meta.episodes, record = _choose_generator(ctx, cfg, evaluate_val, cfg.tune_meta_episodes, build)
+    return record
 
 
 def tune_phi_dim(ctx, cfg, evaluate_val) -> dict:
     """Choose `metapatch.phi_dim` (from `cfg.tune_phi_dim`) on round 0's validation slices, after
     `meta.episodes`: for each size, Θ and g initialised as this seed would have initialised them
     (`ctx.meta_inputs["patch_generator"]`) and meta-trained on the same pretrained W_f, then given the
-    seed's cloud model (W_f does not depend on Θ); each scored by its devices' best step budget (φ from
-    g, blind to the slices). Writes the choice into cfg (later seeds build that size) and puts the
+    seed's cloud model (W_f does not depend on Θ); each scored by its devices' best step budget
+    (`_choose_generator`). Writes the choice into cfg (later seeds build that size) and puts the
     chosen model and g into ctx."""
-    mi, U = ctx.meta_inputs, ctx.n_users
-    candidates, per_user_best, record = {}, {}, {}
-    for k in cfg.tune_phi_dim:
+    mi = ctx.meta_inputs
+
+    def build(k):
         if k == ctx.model.phi_dim:
-            model, encoder, history = ctx.model, ctx.encoder, ctx.history.get("meta_train")
-        else:
-            rng = torch.get_rng_state()  # the generator rewinds the global RNG; later stages keep theirs
-            model, encoder = mi["patch_generator"](replace(cfg.metapatch, phi_dim=k))
-            torch.set_rng_state(rng)
-            pretrained = mi["before"][0].cloud_parameters()
-            with torch.no_grad():
-                for name, p in model.cloud_parameters().items():
-                    p.copy_(pretrained[name])
-            history = meta_train(model, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
-                                 cfg.meta, seed=mi["seed"], support_positives=mi["support_positives"])
-            cloud = ctx.model.cloud_parameters()
-            with torch.no_grad():
-                for name, p in model.cloud_parameters().items():
-                    p.copy_(cloud[name])
-        best, scores = tune_device_steps(ctx, model, blind_start_phi(encoder, ctx, 0, torch.zeros(U, k)), cfg.device,
-                                         cfg.tune_steps, evaluate_val)
-        candidates[k], per_user_best[k] = (model, encoder, history), scores[best]
-        record[str(k)] = {"chosen_steps": best, "val_gauc": mean_scores(scores)}
+            return ctx.model, ctx.encoder, ctx.history.get("meta_train")
+        rng = torch.get_rng_state()  # the generator rewinds the global RNG; later stages keep theirs
+        model, encoder = mi["patch_generator"](replace(cfg.metapatch, phi_dim=k))
+        torch.set_rng_state(rng)
+        _copy_params(model.cloud_parameters(), mi["before"][0].cloud_parameters())  # W_f as pretrained
+        history = meta_train(model, encoder, mi["support"], mi["query"], mi["user_profile"], mi["user_seq"],
+                             cfg.meta, seed=mi["seed"], support_positives=mi["support_positives"])
+        _copy_params(model.cloud_parameters(), ctx.model.cloud_parameters())  # W_f after its catch-up
+        return model, encoder, history
+
+    cfg.metapatch.phi_dim, record = _choose_generator(ctx, cfg, evaluate_val, cfg.tune_phi_dim, build)
+    return record
+
+
+def _choose_generator(ctx, cfg, evaluate_val, options: list, build) -> tuple:
+    """Score each option's patch generator (`build(option)` -> model, encoder, meta-training history)
+    by its devices' best step budget on round 0's slices (φ from g, blind to the slices, trained on the
+    fresh windows minus them); one-SE rule over those, the first listed preferred. Puts the chosen
+    model, encoder and history into ctx; returns (the chosen option, its record for `tuning`)."""
+    candidates, per_user_best, record = {}, {}, {}
+    for option in options:
+        model, encoder, history = build(option)
+        phi0 = blind_start_phi(encoder, ctx, 0, torch.zeros(ctx.n_users, model.phi_dim))
+        best, scores = tune_device_steps(ctx, model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
+        candidates[option], per_user_best[option] = (model, encoder, history), scores[best]
+        record[str(option)] = {"chosen_steps": best, "val_gauc": mean_scores(scores)}
     chosen = choose_within_noise(per_user_best)
-    cfg.metapatch.phi_dim = chosen
     ctx.model, ctx.encoder, ctx.history["meta_train"] = candidates[chosen]
-    return {"chosen": chosen, "val_gauc": {str(k): v for k, v in mean_scores(per_user_best).items()},
-            "device_steps": record}
+    val = {str(k): v for k, v in mean_scores(per_user_best).items()}
+    return chosen, {"chosen": chosen, "val_gauc": val, "device_steps": record}
+
+
+def _copy_params(dst: dict, src: dict) -> None:
+    with torch.no_grad():
+        for name, p in dst.items():
+            p.copy_(src[name])
 
 
 def tune_update_balance(ctx, cfg) -> dict:
