@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from cloud_trainer.config import build_config
-from dccl.errors import DcclError
 from cloud_trainer.context import build_context
-from cloud_trainer.evaluate import choose_within_noise, paired_ci, per_user, score_eval_set
+from cloud_trainer.evaluate import choose_within_noise, paired_ci, paired_difference, per_user, score_eval_set
 from cloud_trainer.experiment import load_data
 from cloud_trainer.personalize import personalize_all
 from cloud_trainer.strategies import (blind_start_phi, cloud_scorer, device_scorer, start_phi, tune_device_steps,
                                       validation_gauc)
+from dccl.errors import DcclError
 
 VARIANTS = [
     "default={}",
@@ -132,9 +132,8 @@ def main() -> None:
             best_scores[name] = run_variant(ds, cfg, a.seed, a.steps or cfg.tune_steps)
         if len(best_scores) > 1:
             first = next(iter(best_scores))
-            d = best_scores[name] - best_scores[first]
-            d = d[~np.isnan(d)]
-            print(f"  best budget − {first}'s: {d.mean():+.5f} ± {d.std(ddof=1) / np.sqrt(len(d)):.5f} (one SE)")
+            d = paired_difference(best_scores[name], best_scores[first])
+            print(f"  best budget − {first}'s: {d['mean']:+.5f} ± {d['se']:.5f} (one SE)")
     if len(best_scores) > 1:
         print(f"chosen among the variants (one-SE rule, the first listed preferred, as tune_meta_episodes "
               f"chooses): {choose_within_noise(best_scores)}")

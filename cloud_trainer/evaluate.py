@@ -127,13 +127,21 @@ def choose_within_noise(scores: dict) -> object:
     means = mean_scores(scores)
     best = max(means, key=means.get)
     for key, per in scores.items():
-        ok = np.isfinite(per) & np.isfinite(scores[best])
-        diff = per[ok] - scores[best][ok]
-        if len(diff) < 2:
+        diff = paired_difference(per, scores[best])
+        if diff["n"] < 2:
             continue
-        if float(diff.mean()) >= -float(diff.std(ddof=1) / np.sqrt(len(diff))):
+        if diff["mean"] >= -diff["se"]:
             return key
     return best
+
+
+def paired_difference(per: np.ndarray, ref: np.ndarray) -> dict:
+    """Mean and standard error of the per-user difference `per − ref` over users scored by both."""
+    ok = np.isfinite(per) & np.isfinite(ref)
+    diff = per[ok] - ref[ok]
+    n = len(diff)
+    return {"mean": float(diff.mean()) if n else float("nan"),
+            "se": float(diff.std(ddof=1) / np.sqrt(n)) if n >= 2 else float("nan"), "n": n}
 
 
 def mean_scores(scores: dict) -> dict:
