@@ -40,10 +40,14 @@ class DataConfig:
 
 @validated_dataclass(config=FORBID)
 class StartConfig:
-    """What a device starts from on a new bundle (shipped inside encoder.onnx; see
+    """What a device starts from on a bundle (shipped inside encoder.onnx; see
     ``PatchEncoder.start``). Chosen on validation slices when tuning."""
+    # On a new MoMoDistill bundle:
     warm: Literal["encoder", "previous", "zero"] = "encoder"  # a device with a previous φ
     cold: Literal["encoder", "zero"] = "encoder"  # a device without one (cold start)
+    # On the first bundle (`dccl cloud train`'s: the cloud model before any MoMoDistill, which no
+    # device holds a φ for yet), chosen with the devices' step budget on it (`device.steps`):
+    first: Literal["encoder", "zero"] = "encoder"
 
 
 @validated_dataclass(config=FORBID)

@@ -134,12 +134,13 @@ def build_context(ds: RecDataset, cfg: ExperimentConfig, seed: int, progress=Non
     rng_state = torch.get_rng_state()  # what a patch generator of another φ size starts from (tune_phi_dim)
 
     def patch_generator(mp: MetaPatchConfig):
-        """W_f (initialised), Θ and g for patches `mp`, drawn from the same RNG state whatever `mp`."""
+        """W_f (initialised), Θ and g for patches `mp`, drawn from the same RNG state whatever `mp`. This is
+        the first bundle: g starts the devices (none has a φ yet) by `cfg.start.first`."""
         torch.set_rng_state(rng_state)
         model = build_model(din_cfg, mp, torch.from_numpy(np.asarray(ds.item_attrs)))
         encoder = PatchEncoder(EncoderConfig(n_items=ds.n_items, phi_dim=model.phi_dim,
                                              profile_vocab=list(ds.profile_vocab), emb_dim=cc.emb_dim,
-                                             start_warm=cfg.start.warm, start_cold=cfg.start.cold))
+                                             start_warm=cfg.start.warm, start_cold=cfg.start.first))
         return model, encoder
 
     model, encoder = patch_generator(cfg.metapatch)

@@ -23,7 +23,7 @@ from cloud_trainer.evaluate import choose_within_noise, mean_scores, paired_ci, 
 from cloud_trainer.patch_generator import meta_train
 from cloud_trainer.strategies import (KIND, REGISTRY, FullPatch, blind_start_phi, choose_momodistill,
                                       choose_steps_by_positives, choose_update_balance, replay_step1,
-                                      tune_device_steps, validation_gauc)
+                                      ship_as_new_bundle, tune_device_steps, validation_gauc)
 from dccl.errors import DcclError
 
 BASELINES = ("stale", "model-over-data")
@@ -143,7 +143,8 @@ def run_experiment(cfg, ds, progress: bool = True) -> dict:
 
 def tune(ctx, cfg) -> dict:
     """Choose, on round 0's validation slices (seed 0), each device strategy's step budget and, for
-    DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policy; writes them into cfg."""
+    DCCL, MoMoDistill's λ / unlabelled candidates and the devices' start policies (on the first bundle,
+    with its budget: `tune_first_bundle`; on new bundles: `tune_start`); writes them into cfg."""
     evaluate_val = validation_gauc(ctx, 0)
     out = {}
     if len(cfg.tune_update_balance) > 1 and {"model-over-data", "dccl"} & set(cfg.strategies):
@@ -153,8 +154,7 @@ def tune(ctx, cfg) -> dict:
     if len(cfg.tune_phi_dim) > 1 and ctx.meta_inputs is not None:
         out["metapatch.phi_dim"] = tune_phi_dim(ctx, cfg, evaluate_val)
     ctx.meta_inputs = None  # the pre-meta-training copy and its inputs are not needed again this seed
-    cold_for_steps = ctx.encoder.config.start_cold  # the start the device budget is chosen from
-    phi0 = tune_stale_steps(ctx, cfg, evaluate_val, out, "device.steps")
+    phi0 = tune_first_bundle(ctx, cfg, evaluate_val, out)
     if "full-patch" in cfg.strategies:
         fp = FullPatch()
         fp.setup(ctx)
@@ -178,13 +178,6 @@ def tune(ctx, cfg) -> dict:
         if record is not None:
             out["momodistill.step2"] = record
         out["start"] = tune_start(ctx, cfg, bundle, uploaded, evaluate_val)
-        if cfg.start.cold != cold_for_steps:
-            # The chosen policy also starts devices on the bundle they hold now (the stale model, no
-            # previous φ: the cold policy), so their budget there is chosen again from that start — it
-            # was chosen above from the policy in force then. (The replays above keep their uploads.)
-            out[f"device.steps (from start cold={cold_for_steps}, replaced)"] = out.pop("device.steps")
-            out.pop("device.steps_by_positives", None)
-            tune_stale_steps(ctx, cfg, evaluate_val, out, "device.steps")
         out["bundle_device.steps"] = tune_bundle_steps(ctx, cfg, bundle, uploaded, evaluate_val)
         if cfg.tune_upload_steps and len(ctx.rounds) > 1:
             out["upload_device.steps"] = tune_upload_steps(
@@ -192,18 +185,40 @@ def tune(ctx, cfg) -> dict:
     return out
 
 
-def tune_stale_steps(ctx, cfg, evaluate_val, out: dict, key: str) -> torch.Tensor:
-    """Choose `device.steps` (and, with `tune_steps_by_positives`, a budget per bracket) for devices on
-    the stale model, from the starting φ its encoder's policy gives a device without a previous one
-    (blind to the slices); records the choice under `out[key]` and returns that starting φ."""
-    phi0 = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
-    best, scores = tune_device_steps(ctx, ctx.model, phi0, cfg.device, cfg.tune_steps, evaluate_val)
-    cfg.device.steps = best
-    out[key] = {"chosen": best, "val_gauc": mean_scores(scores)}
+def tune_first_bundle(ctx, cfg, evaluate_val, out: dict) -> torch.Tensor:
+    """Choose how devices start on the first bundle (the cloud model before any MoMoDistill, which no
+    device holds a φ for yet) and their step budget on it, together, on round 0's validation slices:
+    for each start — the encoder's φ, or zero (the cloud model itself) — the budget is chosen by the
+    one-SE rule from that start (blind to the slices: `blind_start_phi`); then the start whose budget
+    scores best, the encoder's unless zero is clearly better (`choose_within_noise`). Writes
+    `cfg.start.first` (inside the first bundle's encoder.onnx), `cfg.device.steps` (and, with
+    `tune_steps_by_positives`, a budget per bracket); records them under "start.first" and
+    "device.steps"; returns the chosen starting φ.
+
+    The policy on new MoMoDistill bundles (`tune_start`) is chosen apart, on a replayed new bundle:
+    the two bundles differ, and so may what devices do best to start from on them. Only MetaPatch
+    and DCCL start from the encoder; for other strategies the configured start is kept."""
+    from cloud_trainer.models.encoder import START_COLD
+
+    c = ctx.encoder.config
+    options = START_COLD if {"metapatch", "dccl"} & set(cfg.strategies) else (cfg.start.first,)
+    starts, sweeps, best = {}, {}, {}
+    for option in options:
+        c.start_cold = option
+        starts[option] = blind_start_phi(ctx.encoder, ctx, 0, torch.zeros(ctx.n_users, ctx.model.phi_dim))
+        best[option], sweeps[option] = tune_device_steps(ctx, ctx.model, starts[option], cfg.device, cfg.tune_steps,
+                                                         evaluate_val)
+    chosen = choose_within_noise({o: sweeps[o][best[o]] for o in options})
+    c.start_cold = cfg.start.first = chosen
+    cfg.device.steps = best[chosen]
+    if len(options) > 1:
+        out["start.first"] = {"chosen": chosen,
+                              "val_gauc": mean_scores({f"{o} ({best[o]} steps)": sweeps[o][best[o]] for o in options})}
+    out["device.steps"] = {"chosen": best[chosen], "val_gauc": mean_scores(sweeps[chosen])}
     if cfg.tune_steps_by_positives:
-        cfg.device.steps_by_positives, brackets = choose_steps_by_positives(ctx, scores)
+        cfg.device.steps_by_positives, brackets = choose_steps_by_positives(ctx, sweeps[chosen])
         out["device.steps_by_positives"] = {"chosen": cfg.device.steps_by_positives, "brackets": brackets}
-    return phi0
+    return starts[chosen]
 
 
 def tune_meta_episodes(ctx, cfg, evaluate_val) -> dict:
@@ -366,10 +381,10 @@ def tune_start(ctx, cfg, bundle: tuple, uploaded, evaluate_val) -> dict:
     for which, options in (("warm", START_WARM), ("cold", START_COLD)):
         best = choose_within_noise({o: scores[f"{which}={o}"] for o in options})
         setattr(cfg.start, which, best)
-    # The replayed bundle's encoder and the real one now start devices the chosen way
-    # (tune_bundle_steps trains from the replayed encoder's starting φ).
-    c.start_warm, c.start_cold = cfg.start.warm, cfg.start.cold
-    ctx.encoder.config.start_warm, ctx.encoder.config.start_cold = cfg.start.warm, cfg.start.cold
+    # The replayed bundle's encoder now starts devices the chosen way (tune_bundle_steps trains from its
+    # starting φ); so will every new bundle (`strategies.ship_as_new_bundle`). The first bundle keeps
+    # its own policy (`tune_first_bundle`).
+    ship_as_new_bundle(encoder, cfg.start)
     return {"chosen": {"warm": cfg.start.warm, "cold": cfg.start.cold}, "val_gauc": mean_scores(scores)}
 
 

@@ -150,6 +150,13 @@ def start_phi(encoder, ctx: SeedContext, r: int, phi_prev: torch.Tensor) -> torc
     return encode_phi(encoder, ctx.profile, ctx.rounds[r].seq, phi_prev)
 
 
+def ship_as_new_bundle(encoder, start) -> None:
+    """After MoMoDistill step 2 the encoder is a new bundle's: devices start on it by the policy chosen
+    for new bundles (`cfg.start.warm` / `.cold`), no longer by the first bundle's (`cfg.start.first`,
+    which `build_context` gives the encoder before any MoMoDistill)."""
+    encoder.config.start_warm, encoder.config.start_cold = start.warm, start.cold
+
+
 def blind_start_phi(encoder, ctx: SeedContext, r: int, phi_prev: torch.Tensor) -> torch.Tensor:
     """`start_phi` for choices judged on round r's validation slices: the encoder reads each device's
     history *before* its slice (`RoundData.val_seq`). A device's history at the end of its fresh window
@@ -232,6 +239,7 @@ class DCCL(Strategy):
         report("momodistill", cloud_scorer(self.model, ctx.ds.profile))
         step2(self.model, self.encoder, rd.fresh, teacher, uploaded, ctx.profile, rd.seq, m,
               seed=ctx.seed * 100 + r, before=before)
+        ship_as_new_bundle(self.encoder, ctx.cfg.start)
         start = start_phi(self.encoder, ctx, r, uploaded)
         report("dccl-start", device_scorer(self.model, ctx.ds.profile, start))
         self.phi, _ = personalize_all(self.model, start, rd.fresh_train, rd.val, ctx.cfg.bundle_device())
@@ -333,6 +341,7 @@ def replay_step2(ctx: SeedContext, r: int, model_before, encoder, replay: tuple,
     model, encoder = copy.deepcopy(model), copy.deepcopy(encoder)
     before = logits(model_before, rd.fresh_train) if m_cfg.step2_target == "delta" else None
     step2(model, encoder, rd.fresh_train, teacher, uploaded, ctx.profile, rd.val_seq, m_cfg, seed=seed, before=before)
+    ship_as_new_bundle(encoder, ctx.cfg.start)
     return model, encoder
 
 

@@ -41,11 +41,12 @@ def run(args) -> int:
 
         cfg.strategies = ["dccl"]       # a deployment tunes what it deploys: the device budget, MoMoDistill
         tuning = tune(ctx, cfg)         # writes the choices into cfg (saved below, read by `dccl export`)
-        print(f"tuned on validation slices: device steps {cfg.device.steps} (on a new MoMoDistill bundle: "
+        print(f"tuned on validation slices: device steps {cfg.device.steps} from a {cfg.start.first} φ on this first bundle "
+              f"(on a new MoMoDistill bundle: "
               f"{cfg.bundle_device().steps}; uploading from one in later rounds: {cfg.upload_device(1).steps}), "
               f"cloud update balance {cfg.cloud.update_balance:g}, MoMoDistill lam {cfg.momodistill.lam:g} kd_extra {cfg.momodistill.kd_extra} kd_balance "
               f"{cfg.momodistill.kd_balance:g} step-2 balance {cfg.momodistill.step2_balance:g} target "
-              f"{cfg.momodistill.step2_target}, starting φ: {cfg.start.warm} "
+              f"{cfg.momodistill.step2_target}, starting φ on a new bundle: {cfg.start.warm} "
               f"(cold start: {cfg.start.cold}), meta-training episodes {cfg.meta.episodes}, φ of {cfg.metapatch.phi_dim} floats",
               file=sys.stderr)
     steps = sum(len(v) for v in ctx.history.values())

@@ -182,7 +182,7 @@ def test_every_strategy_runs_end_to_end_and_reports(tiny_ds, tmp_path):
         options = [k for k in start["val_gauc"] if k.startswith(which)]
         best = max(options, key=start["val_gauc"].get)
         assert options.index(f"{which}={start['chosen'][which]}") <= options.index(best)
-    assert res["config"]["start"] == start["chosen"]
+    assert {k: res["config"]["start"][k] for k in ("warm", "cold")} == start["chosen"]
     # The budget of devices on a new MoMoDistill bundle, chosen on the replayed round-0 bundle.
     bundle = res["tuning"]["bundle_device.steps"]
     assert set(bundle["val_gauc"]) == {0, 2} and res["config"]["bundle_steps"] == bundle["chosen"] in (0, 2)
@@ -718,38 +718,62 @@ def test_the_size_of_phi_is_chosen_on_validation_and_the_choice_is_what_seeds_tr
     assert "- metapatch.phi_dim: **" in res["table_md"]
 
 
-@pytest.mark.parametrize("cold", ["zero", "encoder"])
-def test_the_device_budget_is_chosen_from_the_start_devices_get(tiny_ds, monkeypatch, cold):
-    """device.steps is first chosen from the start policy in force (the encoder's φ); when the start
-    policy chosen later gives devices without a previous φ another start, the budget on the stale
-    model is chosen again from that start, and that is the budget the config and report carry."""
-    from cloud_trainer import experiment
+@pytest.mark.parametrize("favoured", ["zero", "encoder"])
+def test_the_first_bundle_start_and_its_budget_are_chosen_together(tiny_ds, monkeypatch, favoured):
+    """The first bundle's start (cfg.start.first) is chosen with the devices' budget on it: a budget per
+    start, then the start whose budget scores best; that start is what round 0's devices (the teachers
+    of the later choices) train from and what the first bundle's encoder ships, whatever policy is
+    chosen for new MoMoDistill bundles; DCCL's encoder takes that one after step 2."""
+    from cloud_trainer import experiment, strategies
 
-    real_steps, real_start, calls = experiment.tune_device_steps, experiment.tune_start, []
+    real_steps, real_start, real_uploads, seen = (experiment.tune_device_steps, experiment.tune_start,
+                                                  strategies.blind_uploads, {})
 
     def steps(ctx, model, phi0, *a, **kw):
         best, scores = real_steps(ctx, model, phi0, *a, **kw)
-        if model is ctx.model:
-            calls.append(phi0.clone())
-        return (len(calls) if model is ctx.model else best), scores  # 1st stale-model choice 1, 2nd 2
+        if model is ctx.model:  # the first bundle: make the favoured start clearly better at every budget
+            start = "zero" if phi0.abs().sum() == 0 else "encoder"
+            seen[start] = best
+            scores = {k: v + (1.0 if start == favoured else 0.0) for k, v in scores.items()}
+        return best, scores
 
-    def start(ctx, cfg, *a, **kw):
+    def start(ctx, cfg, *a, **kw):  # new bundles get the other policy
         rec = real_start(ctx, cfg, *a, **kw)
-        cfg.start.cold = ctx.encoder.config.start_cold = cold
+        cfg.start.cold = "encoder" if favoured == "zero" else "zero"
+        strategies.ship_as_new_bundle(a[0][1], cfg.start)
         return rec
+
+    def uploads(model, phi0, *a, **kw):
+        seen["uploads from"] = "zero" if phi0.abs().sum() == 0 else "encoder"
+        return real_uploads(model, phi0, *a, **kw)
 
     monkeypatch.setattr(experiment, "tune_device_steps", steps)
     monkeypatch.setattr(experiment, "tune_start", start)
+    monkeypatch.setattr(strategies, "blind_uploads", uploads)
     cfg = tiny_config(strategies=["dccl"], tune_steps=[0, 1, 2])
     ctx = build_context(tiny_ds, cfg, 0)
     out = experiment.tune(ctx, cfg)
-    assert calls[0].abs().sum() > 0  # chosen first from the encoder's φ
-    if cold == "encoder":
-        assert len(calls) == 1 and cfg.device.steps == out["device.steps"]["chosen"] == 1
-        return
-    assert len(calls) == 2 and torch.equal(calls[1], torch.zeros_like(calls[1]))
-    assert cfg.device.steps == out["device.steps"]["chosen"] == 2
-    assert out["device.steps (from start cold=encoder, replaced)"]["chosen"] == 1
+    assert set(seen) == {"zero", "encoder", "uploads from"}  # a budget chosen from each start
+    assert cfg.start.first == out["start.first"]["chosen"] == favoured == seen["uploads from"]
+    assert set(out["start.first"]["val_gauc"]) == {f"{o} ({seen[o]} steps)" for o in ("encoder", "zero")}
+    assert cfg.device.steps == out["device.steps"]["chosen"] == seen[favoured]
+    assert cfg.start.cold != favoured and ctx.encoder.config.start_cold == favoured  # the first bundle keeps its own
+    # A seed built from the tuned config ships the chosen first start; DCCL's encoder switches after step 2.
+    ctx = build_context(tiny_ds, cfg, 1, tunes=False)
+    assert ctx.encoder.config.start_cold == favoured
+    dccl = strategies.DCCL()
+    dccl.setup(ctx)
+    dccl.run_round(ctx, 0, lambda *_: None)
+    assert dccl.encoder.config.start_cold == cfg.start.cold != favoured
+
+
+def test_the_first_bundle_start_is_chosen_only_for_strategies_that_start_from_the_encoder(tiny_ds):
+    from cloud_trainer.experiment import tune
+
+    cfg = tiny_config(strategies=["stale", "fedavg-patches"], tune_steps=[0, 1], **{"start.first": "zero"})
+    ctx = build_context(tiny_ds, cfg, 0)
+    out = tune(ctx, cfg)
+    assert "start.first" not in out and cfg.start.first == ctx.encoder.config.start_cold == "zero"
 
 
 def test_only_a_seed_that_tunes_keeps_the_copy_meta_episodes_are_chosen_from(tiny_ds):
@@ -812,6 +836,8 @@ def test_config_errors_name_field_and_value():
     assert "rounds = 0" in msg and "data.neg = -1" in msg and "phi_dim" in msg
     with pytest.raises(DcclError, match=r"start.warm = \"bogus\""):
         build_config({"start.warm": "bogus"})
+    with pytest.raises(DcclError, match=r"start.first = \"previous\""):  # no device has a φ on the first bundle
+        build_config({"start.first": "previous"})
 
 
 def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
@@ -837,7 +863,9 @@ def test_cloud_train_writes_a_checkpoint_that_exports(tmp_path):
     assert tuned["chosen"] in tuned["val_gauc"] or str(tuned["chosen"]) in tuned["val_gauc"]
     assert manifest["optimizer"]["steps"] == tuned["chosen"] == meta["extra"]["config"]["device"]["steps"]
     # ... and the start policy chosen there, inside encoder.onnx (named in the manifest).
-    chosen = meta["extra"]["tuning"]["start"]["chosen"]
+    # The first bundle's own start for devices without a φ (all of them, on it), chosen with the budget.
+    chosen = {"warm": meta["extra"]["tuning"]["start"]["chosen"]["warm"],
+              "cold": meta["extra"]["tuning"]["start.first"]["chosen"]}
     assert (encoder.config.start_warm, encoder.config.start_cold) == (chosen["warm"], chosen["cold"])
     assert manifest["source"]["start_phi"] == chosen
 
