@@ -639,10 +639,10 @@ def test_tune_each_seed_makes_every_seed_choose_on_its_own_slices(tiny_ds, monke
     res = run_experiment(cfg, tiny_ds, progress=False)
     assert res["tuning"]["device.steps"]["chosen"] == 2 == ctxs[0].cfg.device.steps == res["config"]["device"]["steps"]
     if not each_seed:
-        assert set(tuned) == {(0, 5)} and ctxs[1].cfg is ctxs[0].cfg and "per_seed" not in res["tuning"]
+        assert tuned == [(0, 5)] * 2 and ctxs[1].cfg is ctxs[0].cfg and "per_seed" not in res["tuning"]
         return
-    # (a budget sweep per first-bundle start) seed 1 starts from the configured budget, not seed 0's choice
-    assert list(dict.fromkeys(tuned)) == [(0, 5), (1, 5)]
+    # (one budget sweep per first-bundle start) seed 1 starts from the configured budget, not seed 0's choice
+    assert tuned == [(0, 5)] * 2 + [(1, 5)] * 2
     assert ctxs[1].cfg is not ctxs[0].cfg and ctxs[1].cfg.device.steps == 0
     assert res["tuning"]["per_seed"]["1"]["device.steps"]["chosen"] == 0
     assert re.search(r"seed 1, its own round-0 choices: (start.first \w+; )?device.steps 0", res["table_md"])
