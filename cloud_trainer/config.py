@@ -102,7 +102,8 @@ class ExperimentConfig(BaseModel):
     # (bench/probe_patch_generator.py, seed 0): 16 against 64 is a tie on ML-100K (−0.00004 ± 0.00016)
     # and clearly better on Amazon Beauty (+0.00285 ± 0.00093; meta-training fits the query far better),
     # but the full Amazon run with 16 holds no claim row: the gain is the encoder's φ on the stale model,
-    # which the start policy chosen for new bundles (zero there) switches off (docs/EXPERIMENTS.md).
+    # and devices there start from zero (session 19: by the new-bundle policy; session 20, by the first
+    # bundle's own choice, `start.first`, on a machine where the encoder's φ-16 lost: docs/EXPERIMENTS.md).
     tune_phi_dim: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list)
     # cloud.update_balance values tried on round 0's validation slices (seed 0): each replays
     # model-over-data's update on the fresh windows minus the slices (`experiment.tune_update_balance`;
